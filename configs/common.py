@@ -1,0 +1,149 @@
+"""Shared defaults for every experiment config.
+
+Each experiment file (coco_stuff_r50.py, voc_r101.py, shapesworld.py, ...) calls
+`base_config()` and overrides what its recipe changes. Values are the official ZegFormer
+settings (see ../shared/reference/official_zegformer.md, sections 1-4) unless a comment says
+otherwise. The returned ConfigDict is locked: assigning a key that does not exist raises an
+error naming the key, so a misspelt `--config.optim.lr=...` cannot pass silently.
+"""
+import ml_collections
+
+# detectron2 / torchvision ImageNet statistics, RGB, 0-255 scale.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+# OpenAI CLIP statistics on the 0-255 scale (CLIP_PIXEL_MEAN / CLIP_PIXEL_STD).
+CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.323163)
+
+RESNET_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.experiment = ''
+  c.seed = 0
+
+  # ---------------------------------------------------------------- dataset
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = ''                # 'coco_stuff' | 'voc' | 'ade20k_full' | 'shapesworld'
+  c.dataset.data_dir = ''            # directory with <split>.tfrecord-* and dataset_info.json
+  c.dataset.train_split = 'train'    # seen classes only (labels 0..K_seen-1, rest ignored)
+  c.dataset.eval_split = 'val_all'   # all classes, GZS3 setting
+  c.dataset.ignore_value = 255
+  # ShapesWorld only: generation settings (data_prep/shapesworld.py).
+  c.dataset.world_seed = 0
+  c.dataset.world_split = 'default'
+  c.dataset.num_train = 0
+  c.dataset.num_val = 0
+  c.dataset.image_size = 0
+
+  # ---------------------------------------------------------------- input
+  c.input = ml_collections.ConfigDict()
+  c.input.global_batch_size = 32
+  c.input.eval_batch_size = 8        # global; padded with masked examples at the end
+  c.input.min_size_train = (320,)    # ResizeShortestEdge "choice"
+  c.input.max_size_train = 2560
+  c.input.crop_size = 640            # absolute random crop, then pad to exactly this size
+  c.input.min_size_test = 640
+  c.input.max_size_test = 2560
+  c.input.size_divisibility = 32
+  c.input.max_masks = 32             # target masks per image, padded (static shapes)
+  c.input.color_aug_ssd = True
+  c.input.num_workers = 0            # grain worker processes (0: in the main process)
+  c.input.shuffle_seed = 0
+  c.input.prefetch = 2
+
+  # ---------------------------------------------------------------- model
+  c.model = ml_collections.ConfigDict()
+  c.model.pixel_mean = PIXEL_MEAN
+  c.model.pixel_std = PIXEL_STD
+  c.model.backbone = ml_collections.ConfigDict()
+  c.model.backbone.depth = 50
+  c.model.backbone.block_counts = RESNET_BLOCKS[50]
+  c.model.backbone.stem_width = 64          # res2 bottleneck width; channels out = 4x
+  c.model.backbone.bottleneck = True        # False: BasicBlock (small test variants)
+  c.model.pixel_decoder = ml_collections.ConfigDict()
+  c.model.pixel_decoder.conv_dim = 256
+  c.model.pixel_decoder.mask_dim = 256
+  c.model.pixel_decoder.gn_groups = 32
+  c.model.decoder = ml_collections.ConfigDict()
+  c.model.decoder.hidden_dim = 256
+  c.model.decoder.num_heads = 8
+  c.model.decoder.ffn_dim = 2048
+  c.model.decoder.num_layers = 6
+  c.model.decoder.dropout = 0.1
+  c.model.decoder.num_queries = 100
+  c.model.decoder.pre_norm = False
+  c.model.mask_embed_layers = 3
+  c.model.embed_dim = 512                   # CLIP text embedding width (semantic embedding)
+  c.model.temperature = 0.01                # Eq. 1 tau; logit scale 1/tau = 100, fixed
+  c.model.dtype = 'float32'                 # compute dtype; params stay float32
+
+  # ---------------------------------------------------------------- CLIP
+  c.clip = ml_collections.ConfigDict()
+  c.clip.model_path = ''                    # local Hugging Face directory (openai/clip-vit-base-patch16 layout)
+  c.clip.train_prompts = 'imagenet_select'  # prompt set for seen-class text embeddings
+  c.clip.test_prompts = 'imagenet_select'   # prompt set for the segment branch at evaluation
+  c.clip.image_prompts = 'select_clip'      # 32 templates: the image branch always uses these
+  c.clip.text_batch_size = 256
+
+  # ---------------------------------------------------------------- loss / matching
+  c.loss = ml_collections.ConfigDict()
+  c.loss.class_weight = 1.0
+  c.loss.mask_weight = 20.0                 # sigmoid focal
+  c.loss.dice_weight = 1.0
+  c.loss.no_object_weight = 0.1
+  c.loss.focal_alpha = 0.25
+  c.loss.focal_gamma = 2.0
+  c.loss.cost_class = 1.0
+  c.loss.cost_mask = 20.0
+  c.loss.cost_dice = 1.0
+  c.loss.deep_supervision = True
+
+  # ---------------------------------------------------------------- optimiser
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.weight_decay = 1e-4
+  c.optim.weight_decay_norm = 0.0           # GroupNorm / LayerNorm
+  c.optim.weight_decay_embed = 0.0          # query embedding (nn.Embedding in the reference)
+  c.optim.backbone_multiplier = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.poly_power = 0.9
+  c.optim.clip_norm = 0.01                  # full-model gradient L2-norm clipping
+
+  # ---------------------------------------------------------------- training loop
+  c.train = ml_collections.ConfigDict()
+  c.train.total_steps = 60000
+  c.train.log_every = 20
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 5000                 # 0: no periodic evaluation
+  c.train.init_from = ''                    # params checkpoint/dir to start from (weights import)
+
+  # ---------------------------------------------------------------- evaluation
+  c.eval = ml_collections.ConfigDict()
+  c.eval.variant = 'seg'                    # 'seg' | 'img' | 'full'
+  c.eval.gamma = 0.0                        # Eq. 2 calibration factor; 0 disables
+  c.eval.fusion_lambda = 2.0 / 3.0          # Eq. 3 lambda
+  c.eval.clip_style = 'cropmask'            # 'crop' | 'mask' | 'cropmask'
+  c.eval.clip_top_k = 0                     # 0: all queries go through the image branch
+  c.eval.max_images = 0                     # 0: the whole split
+
+  # Mode-specific options from the command line (main.py); listed so they can be overridden.
+  c.predict = ml_collections.ConfigDict()
+  c.predict.images = ''
+  c.predict.classes = ''
+  c.predict.class_file = ''
+  return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c
+
+
+def min_sizes(base: int, lo: int, hi: int) -> tuple:
+  """detectron2's MIN_SIZE_TRAIN recipe: int(x * 0.1 * base) for x in [lo, hi]."""
+  return tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
