@@ -1,0 +1,10 @@
+"""Test set-up: 8 simulated CPU devices so sharded code paths run as on a pod slice."""
+import os
+import sys
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
