@@ -29,6 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ''            # directory with <split>.tfrecord-* and dataset_info.json
   c.dataset.train_split = 'train'    # seen classes only (labels 0..K_seen-1, rest ignored)
   c.dataset.eval_split = 'val_all'   # all classes, GZS3 setting
+  c.dataset.periodic_eval_split = 'val_seen'  # seen-only, as the reference's eval during training
   c.dataset.ignore_value = 255
   # ShapesWorld only: generation settings (data_prep/shapesworld.py).
   c.dataset.world_seed = 0

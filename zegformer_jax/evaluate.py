@@ -1,0 +1,179 @@
+"""Evaluation: semantic inference, calibration, confusion matrix, metrics JSON.
+
+For each batch, on device and under one jitted function:
+  normalise (padding re-zeroed) -> model (final decoder layer)
+  -> per-query class probabilities p_q(c):
+       seg  : softmax over K+1, no-object dropped (Eq. 1 logits)
+       img  : CLIP image embeddings of each segment's sub-image (Eq. 1 with A_q), with the
+              segmentation branch's no-object logit appended (reference section 3)
+       full : Eq. 3 fusion of the two with lambda
+  -> mask logits upsampled to the padded input -> sum_q p_q(c) sigmoid(m_q)
+  -> crop to the resized image, resize to the label's size -> minus gamma on seen classes
+     (Eq. 2) -> argmax -> confusion matrix, summed over the whole split on device.
+The confusion matrix is reduced across processes by the sharded sum itself, so every
+process ends with the same matrix; process 0 writes `metrics_<variant>.json`.
+"""
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common as config_common
+from zegformer_jax import inference
+from zegformer_jax import input_pipeline
+from zegformer_jax import metrics as metrics_lib
+from zegformer_jax import preprocess
+from zegformer_jax import resources
+from zegformer_jax import sharding
+from zegformer_jax.models import clip
+
+VARIANTS = ('seg', 'img', 'full')
+
+
+def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eval_cfg,
+                        seen_mask):
+  """Per-query class probabilities [B, Q, K] of the chosen variant.
+
+  Args:
+    variant: 'seg' | 'img' | 'full'.
+    pred_logits: [B, Q, K+1] Eq. 1 logits of the final decoder layer (no-object last).
+    mask_logits_full: [B, Q, Hp, Wp] mask logits at the padded input size.
+    clip_inputs: None for 'seg'; else dict(image=[B, Hp, Wp, 3] CLIP-normalised image,
+      embed=fn(images [N, S, S, 3]) -> [N, D] normalised CLIP image embeddings,
+      text=[K, D] CLIP text embeddings (image-branch prompt set), scale=CLIP logit scale).
+    eval_cfg: config.eval (clip_style, clip_top_k, fusion_lambda).
+    seen_mask: [K] bool.
+  """
+  p_seg = inference.segment_probs(pred_logits)
+  if variant == 'seg':
+    return p_seg
+  b, q = p_seg.shape[:2]
+  k = eval_cfg.clip_top_k if 0 < eval_cfg.clip_top_k < q else q
+  # Only the top-k queries by segment score go through CLIP (all of them by default, as
+  # in the paper); the others keep their segmentation-branch probabilities.
+  _, top = jax.lax.top_k(jnp.max(p_seg, axis=-1), k)                       # [B, k]
+  masks_k = jnp.take_along_axis(mask_logits_full, top[:, :, None, None], axis=1)
+  sub = inference.subimages(clip_inputs['image'], masks_k, eval_cfg.clip_style)
+  emb = clip_inputs['embed'](sub.reshape((b * k,) + sub.shape[2:])).reshape(b, k, -1)
+  clip_logits = clip_inputs['scale'] * jnp.einsum('bqd,kd->bqk', emb, clip_inputs['text'])
+  no_object = jnp.take_along_axis(pred_logits[..., -1], top, axis=1)
+  p_img_k = inference.image_branch_probs(clip_logits, no_object)          # [B, k, K]
+  p_seg_k = jnp.take_along_axis(p_seg, top[:, :, None], axis=1)
+  if variant == 'img':
+    new_k = p_img_k
+  else:
+    new_k = inference.fuse(p_seg_k, p_img_k, seen_mask, eval_cfg.fusion_lambda)
+  batch_idx = jnp.arange(b)[:, None]
+  return p_seg.at[batch_idx, top].set(new_k)
+
+
+def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_model=None):
+  """Jitted ((conf, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (conf, n).
+
+  conf is the [K+1, K+1] confusion matrix of metrics.confusion_matrix; n counts the valid
+  (non-padding) images, summed over every process by the sharded reduction.
+  """
+  mean, std = config.model.pixel_mean, config.model.pixel_std
+  eval_cfg = config.eval
+  ignore = config.dataset.ignore_value
+
+  def step(acc, params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
+    conf, count = acc
+    images = preprocess.normalize(batch['image'], mean, std, batch['image_hw'])
+    outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
+                          train=False)
+    pred_logits = outputs['pred_logits'][-1]
+    hp, wp = images.shape[1:3]
+    mask_logits = inference.upsample_masks(outputs['pred_masks'][-1], (hp, wp))
+    clip_inputs = None
+    if variant != 'seg':
+      clip_inputs = dict(
+          image=preprocess.normalize(batch['image'], config_common.CLIP_PIXEL_MEAN,
+                                     config_common.CLIP_PIXEL_STD, batch['image_hw']),
+          embed=lambda x: clip.image_embeddings(clip_model, x, params=clip_params),
+          text=clip_text, scale=clip.clip_logit_scale(clip_params))
+    probs = class_probabilities(variant, pred_logits, mask_logits, clip_inputs, eval_cfg,
+                                seen_mask)
+    sem_seg = inference.semantic_inference(probs, mask_logits)              # [B, K, Hp, Wp]
+    sem_seg = inference.postprocess(sem_seg, batch['image_hw'], batch['label_hw'],
+                                    label_hw_static)
+    sem_seg = inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)        # Eq. 2
+    pred = jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
+    # Pixels beyond each label's own size are padding: mark them ignore.
+    conf = conf + metrics_lib.confusion_matrix(pred, batch['label'], num_classes, ignore,
+                                               batch['example_valid'])
+    return conf, count + jnp.sum(batch['example_valid'].astype(jnp.int32))
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
+  """Evaluates the latest checkpoint (or `state`) on `split`; writes metrics_<variant>.json."""
+  from zegformer_jax import train  # train imports evaluate lazily; avoid a cycle
+  variant = variant or config.eval.variant
+  if variant not in VARIANTS:
+    raise ValueError(f'config.eval.variant must be one of {VARIANTS}, got {variant!r}')
+  split = split or config.dataset.eval_split
+  mesh = sharding.make_mesh()
+  data_dir = resources.data_dir(config, workdir)
+  class_names, seen_mask = input_pipeline.dataset_classes(data_dir, split)
+  num_classes = len(class_names)
+  text = train.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
+  if state is None:
+    train_classes, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
+    model, state = train.load_latest_state(config, workdir, len(train_classes))
+  else:
+    from zegformer_jax.models import zegformer
+    model = zegformer.build_model(config.model)
+
+  clip_model = clip_params = clip_text = None
+  if variant != 'seg':
+    clip_path = resources.clip_dir(config, workdir)
+    clip_model, _ = clip.load_clip(clip_path)
+    clip_params = clip_model.params
+    clip_text = train.class_text_embeddings(config, workdir, class_names,
+                                            config.clip.image_prompts)
+
+  t0 = time.time()
+  acc = None
+  step_fn = None
+  repl = sharding.replicated(mesh)
+  text = jax.device_put(text, repl)
+  seen_dev = jax.device_put(np.asarray(seen_mask, bool), repl)
+  for batch in input_pipeline.make_eval_batches(config, data_dir, split):
+    dev_batch = sharding.shard_batch(batch, mesh)
+    if step_fn is None:
+      step_fn = make_eval_step(config, model, variant, num_classes,
+                               tuple(batch['label'].shape[1:3]), clip_model)
+      acc = jax.device_put(
+          (jnp.zeros((num_classes + 1, num_classes + 1), jnp.int32), jnp.zeros((), jnp.int32)),
+          repl)
+    acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
+                  clip_params, clip_text)
+    if config.eval.max_images and int(acc[1]) >= config.eval.max_images:
+      break
+  if acc is None:
+    raise ValueError(f'split {split!r} in {data_dir} has no examples')
+  conf, num_images = jax.device_get(acc)
+  result = metrics_lib.compute_metrics(
+      np.asarray(conf), class_names, np.asarray(seen_mask, bool), dataset=config.dataset.name,
+      variant=variant, num_images=int(num_images))
+  result['split'] = split
+  result['eval_wall_s'] = round(time.time() - t0, 2)
+  if jax.process_index() == 0:
+    name = f'metrics_{variant}{("_" + tag) if tag else ""}.json'
+    path = os.path.join(workdir, name)
+    metrics_lib.write_metrics_json(result, path)
+    logging.info('wrote %s', path)
+    print(f'{variant}: mIoU {_fmt(result["mIoU"])} seen {_fmt(result["mIoU_seen"])} '
+          f'unseen {_fmt(result["mIoU_unseen"])} hIoU {_fmt(result["hIoU"])} '
+          f'pAcc {_fmt(result["pAcc"])} -> {path}', flush=True)
+  return result
+
+
+def _fmt(x):
+  return 'n/a' if x is None else f'{x:.2f}'

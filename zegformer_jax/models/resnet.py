@@ -1,0 +1,219 @@
+"""ResNet backbone in the detectron2 layout, with frozen batch norm.
+
+ZegFormer's backbone is detectron2's `build_resnet_backbone` (see
+../shared/reference/official_zegformer.md, section 1):
+
+- basic stem: 7x7 stride-2 conv (no bias), FrozenBN, ReLU, 3x3 stride-2 max-pool, padding 1;
+- bottleneck blocks with the stride on the 3x3 conv (STRIDE_IN_1X1 False, torchvision style);
+- a 1x1 projection shortcut (conv + FrozenBN) where the block changes width or stride, i.e.
+  on the first block of every stage of a bottleneck ResNet;
+- outputs res2..res5 at strides 4/8/16/32 (256/512/1024/2048 channels for R-50/101).
+
+`bottleneck=False` selects detectron2's BasicBlock (two 3x3 convs) with stage widths
+stem_width * 2**i: the small variant used by tests and ShapesWorld.
+
+Layout: NHWC activations, HWIO kernels. All convs have explicit symmetric padding k // 2,
+as PyTorch does (flax 'SAME' padding would be asymmetric for stride 2 and shift features).
+
+Parameter naming (official detectron2 key -> this module, relative to `backbone`):
+
+  ============================================  ==============================================
+  official (`backbone.` prefix)                  flax path (collection)
+  ============================================  ==============================================
+  stem.conv1.weight [O,I,7,7]                   stem/conv1/kernel [7,7,I,O]        (params)
+  stem.conv1.norm.weight / .bias                stem/conv1/norm/scale / bias       (frozen)
+  stem.conv1.norm.running_mean / running_var    stem/conv1/norm/mean / var         (frozen)
+  res{s}.{i}.conv{1,2,3}.weight                 res{s}_{i}/conv{1,2,3}/kernel      (params)
+  res{s}.{i}.conv{1,2,3}.norm.*                 res{s}_{i}/conv{1,2,3}/norm/*      (frozen)
+  res{s}.0.shortcut.weight / .norm.*            res{s}_0/shortcut/kernel / norm/*  (params/frozen)
+  ============================================  ==============================================
+
+Conv weights convert with `w.transpose(2, 3, 1, 0)` (OIHW -> HWIO).
+"""
+from typing import Any, Callable, Dict, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# detectron2's c2_msra_fill: kaiming_normal_(mode='fan_out', nonlinearity='relu'), bias 0.
+c2_msra_fill = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# detectron2's c2_xavier_fill: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), bias 0.
+c2_xavier_fill = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+
+FROZEN = 'frozen'  # variable collection of the FrozenBN statistics and affine parameters
+
+
+class FrozenBatchNorm(nn.Module):
+  """Batch norm with fixed statistics and affine parameters (detectron2 FrozenBatchNorm2d).
+
+  y = x * scale / sqrt(var + eps) + (bias - mean * scale / sqrt(var + eps)).
+
+  `scale`, `bias`, `mean` and `var` (each [C]) live in the non-trainable collection
+  'frozen', not in 'params', so no optimizer ever sees them. Initialised to the identity
+  (scale 1, bias 0, mean 0, var 1); real values come from the ImageNet checkpoint.
+  """
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] -> [..., C] in `dtype`."""
+    c = x.shape[-1]
+    scale = self.variable(FROZEN, 'scale', lambda: jnp.ones((c,), jnp.float32)).value
+    bias = self.variable(FROZEN, 'bias', lambda: jnp.zeros((c,), jnp.float32)).value
+    mean = self.variable(FROZEN, 'mean', lambda: jnp.zeros((c,), jnp.float32)).value
+    var = self.variable(FROZEN, 'var', lambda: jnp.ones((c,), jnp.float32)).value
+    # Fold into one multiply-add, computed in float32 before casting to the compute dtype.
+    mult = scale * jax.lax.rsqrt(var + self.epsilon)
+    shift = bias - mean * mult
+    return x.astype(self.dtype) * mult.astype(self.dtype) + shift.astype(self.dtype)
+
+
+class Conv2d(nn.Module):
+  """detectron2-style Conv2d: conv, then an optional norm child named `norm`, then ReLU.
+
+  Mirrors detectron2's `Conv2d(..., norm=..., activation=...)` so that official keys
+  `<name>.weight` / `<name>.norm.*` map onto `<name>/kernel` / `<name>/norm/*`.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel size k; padding is k // 2 on every side (as in PyTorch).
+    strides: square stride.
+    use_bias: add a bias (initialised to 0).
+    norm: '' (none), 'FrozenBN' or 'GN' (GroupNorm with `gn_groups` groups, eps 1e-5).
+    activation: apply ReLU after the norm.
+    kernel_init: kernel initialiser (detectron2 default: c2_msra_fill).
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  use_bias: bool = False
+  norm: str = ''
+  gn_groups: int = 32
+  activation: bool = False
+  kernel_init: Initializer = c2_msra_fill
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, ceil(H / s), ceil(W / s), features]."""
+    k, p = self.kernel_size, self.kernel_size // 2
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    if self.norm == 'FrozenBN':
+      y = FrozenBatchNorm(dtype=self.dtype, name='norm')(y)
+    elif self.norm == 'GN':
+      y = nn.GroupNorm(num_groups=self.gn_groups, epsilon=1e-5, dtype=self.dtype,
+                       name='norm')(y)
+    elif self.norm:
+      raise ValueError(f'unknown norm {self.norm!r}; expected "", "FrozenBN" or "GN"')
+    if self.activation:
+      y = nn.relu(y)
+    return y
+
+
+class BasicStem(nn.Module):
+  """7x7/2 conv + FrozenBN + ReLU, then 3x3/2 max-pool with padding 1: stride 4 overall."""
+  features: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, 3] -> [B, H/4, W/4, features]."""
+    x = Conv2d(self.features, 7, strides=2, norm='FrozenBN', activation=True,
+               dtype=self.dtype, name='conv1')(x)
+    # Max-pool pads with -inf, as F.max_pool2d does.
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (stride here: STRIDE_IN_1X1 False) -> 1x1, FrozenBN after each, residual."""
+  features: int            # output channels (4x the bottleneck width for ResNet-50/101)
+  bottleneck_features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
+    conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
+    if x.shape[-1] != self.features or self.strides != 1:
+      shortcut = conv(self.features, 1, strides=self.strides, name='shortcut')(x)
+    else:
+      shortcut = x
+    y = conv(self.bottleneck_features, 1, activation=True, name='conv1')(x)
+    y = conv(self.bottleneck_features, 3, strides=self.strides, activation=True,
+             name='conv2')(y)
+    y = conv(self.features, 1, name='conv3')(y)
+    return nn.relu(y + shortcut.astype(y.dtype))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (stride on the first), FrozenBN after each, residual (ResNet-18/34 style)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
+    conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
+    if x.shape[-1] != self.features or self.strides != 1:
+      shortcut = conv(self.features, 1, strides=self.strides, name='shortcut')(x)
+    else:
+      shortcut = x
+    y = conv(self.features, 3, strides=self.strides, activation=True, name='conv1')(x)
+    y = conv(self.features, 3, name='conv2')(y)
+    return nn.relu(y + shortcut.astype(y.dtype))
+
+
+class ResNet(nn.Module):
+  """detectron2 ResNet returning the res2..res5 feature maps.
+
+  Attributes:
+    block_counts: blocks per stage res2..res5, e.g. (3, 4, 6, 3) for R-50, (3, 4, 23, 3)
+      for R-101.
+    stem_width: stem output channels; also the res2 bottleneck width (64 for real
+      ResNets, whose stage i then has bottleneck width 64 * 2**i and 256 * 2**i outputs).
+    bottleneck: True for bottleneck blocks; False for BasicBlocks with stage widths
+      stem_width * 2**i (small variants).
+  """
+  block_counts: Sequence[int] = (3, 4, 6, 3)
+  stem_width: int = 64
+  bottleneck: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Dict[str, jax.Array]:
+    """x: [B, H, W, 3] normalised image, H and W multiples of 32.
+
+    Returns:
+      {'res2': [B, H/4, W/4, C2], 'res3': [.., H/8, ..], 'res4': [.., H/16, ..],
+       'res5': [B, H/32, W/32, C5]}.
+    """
+    x = BasicStem(self.stem_width, dtype=self.dtype, name='stem')(x)
+    out = {}
+    for i, n in enumerate(self.block_counts):
+      stage = i + 2
+      width = self.stem_width * 2**i
+      for j in range(n):
+        # res2 keeps the stem's stride 4 (the max-pool already downsampled).
+        strides = 2 if (j == 0 and i > 0) else 1
+        name = f'res{stage}_{j}'
+        if self.bottleneck:
+          x = BottleneckBlock(4 * width, width, strides=strides, dtype=self.dtype,
+                              name=name)(x)
+        else:
+          x = BasicBlock(width, strides=strides, dtype=self.dtype, name=name)(x)
+      out[f'res{stage}'] = x
+    return out

@@ -1,0 +1,209 @@
+"""ZegFormer: decoupled zero-shot semantic segmentation (Ding et al., CVPR 2022).
+
+The model groups pixels into segments class-agnostically and classifies each segment
+against CLIP text embeddings (../shared/reference/official_zegformer.md, section 1):
+
+  images -> ResNet (res2..res5) -> BasePixelDecoder -> mask features [B, H/4, W/4, mask_dim]
+  res5 -> input_proj (1x1 conv) -> memory;  sine position encoding of the res5 grid -> pos
+  learned queries (query_embed, as query position) + zero targets -> transformer decoder
+       -> segment embeddings of every layer [L, B, Q, hidden]
+  segment embedding -> mask_embed (3-layer MLP) -> mask embedding -> masks = <mask emb, pixel>
+  segment embedding -> semantic_proj (Linear) -> L2 norm -> semantic embedding
+       -> Eq. 1 logits against the class text embeddings and the no-object embedding.
+
+Parameter naming (official `sem_seg_head.predictor.` key -> flax path; the backbone, pixel
+decoder and transformer tables are in resnet.py, pixel_decoder.py and transformer.py):
+
+  ===========================================  =================================================
+  official key                                 flax path (collection 'params' unless noted)
+  ===========================================  =================================================
+  backbone.*                                   backbone/... ('params' + 'frozen'), resnet.py
+  sem_seg_head.pixel_decoder.*                 pixel_decoder/..., pixel_decoder.py
+  transformer.decoder.*                        transformer/..., transformer.py
+  input_proj.weight [256,2048,1,1] / .bias     input_proj/kernel [1,1,2048,256] / bias
+  query_embed.weight [Q, 256]                  query_embed [Q, 256]
+  mask_embed.layers.{0,1,2}.weight / .bias     mask_embed/layers_{0,1,2}/kernel (w.T) / bias
+  projection_layer.weight [512,256] / .bias    semantic_proj/kernel [256,512] (w.T) / bias
+  bg_feature [1, 512]                          no_object_embedding [512] (row 0)
+  logit_scale (fixed, exp = 100)               none: the constant 1 / config.temperature
+  ===========================================  =================================================
+"""
+import math
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from zegformer_jax.models.pixel_decoder import BasePixelDecoder
+from zegformer_jax.models.resnet import Conv2d, ResNet, c2_xavier_fill
+from zegformer_jax.models.transformer import TransformerDecoder, position_embedding_sine
+
+# PyTorch's default nn.Linear init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)) for
+# the weight; the bias is U(+-1/sqrt(fan_in)) as well. mask_embed and projection_layer use it.
+torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_linear_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def torch_linear(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=torch_linear_kernel_init,
+                  bias_init=torch_linear_bias_init(fan_in), name=name)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / ||x||; the 1e-12 floor only guards an all-zero vector (the reference has none)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+class MLP(nn.Module):
+  """DETR's MLP: `num_layers` Dense layers (layers_0, layers_1, ...), ReLU between them."""
+  hidden_dim: int
+  output_dim: int
+  num_layers: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., Cin] -> [..., output_dim]."""
+    for i in range(self.num_layers):
+      last = i == self.num_layers - 1
+      x = torch_linear(self.output_dim if last else self.hidden_dim, x.shape[-1], self.dtype,
+                       f'layers_{i}')(x)
+      if not last:
+        x = nn.relu(x)
+    return x
+
+
+class ZegFormer(nn.Module):
+  """The ZegFormer segmentation model (segment branch; the CLIP image branch is separate).
+
+  Attributes:
+    config: the `model` sub-config of configs/common.py (backbone, pixel_decoder, decoder,
+      mask_embed_layers, embed_dim, temperature, dtype).
+
+  Variables: 'params' (trainable) and 'frozen' (FrozenBN scale/bias/mean/var of the
+  backbone). No parameter depends on the number of classes K.
+  """
+  config: Any
+
+  @nn.compact
+  def __call__(self, images: jax.Array, text_embeddings: jax.Array, *,
+               train: bool) -> Dict[str, jax.Array]:
+    """Runs the model on a batch.
+
+    Args:
+      images: [B, H, W, 3] float32, already normalised ((x - pixel_mean) / pixel_std) and
+        zero-padded; H and W multiples of 32.
+      text_embeddings: [K, D] float32 L2-normalised class text embeddings, D =
+        config.embed_dim (seen classes in training, all classes at evaluation).
+      train: enables dropout (rng name 'dropout').
+
+    Returns:
+      Outputs of all L decoder layers (deep supervision; index -1 is the final layer):
+        'pred_logits': [L, B, Q, K + 1] float32, Eq. 1 class logits, no-object last;
+        'pred_masks': [L, B, Q, H/4, W/4] float32 mask logits at stride 4;
+        'semantic_embeddings': [L, B, Q, D] float32, L2-normalised semantic embeddings.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    dec = cfg.decoder
+    hidden = dec.hidden_dim
+
+    features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
+                      stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
+                      dtype=dtype, name='backbone')(images)
+    mask_features = BasePixelDecoder(
+        conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
+        gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
+
+    # The decoder reads res5 directly (TRANSFORMER_IN_FEATURE res5), not the FPN output.
+    res5 = features['res5']
+    b, h, w, _ = res5.shape
+    memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
+                    name='input_proj')(res5).reshape(b, h * w, hidden)
+    pos = position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden).astype(dtype)
+    query_embed = self.param('query_embed', nn.initializers.normal(1.0),
+                             (dec.num_queries, hidden), jnp.float32)
+    tgt = jnp.zeros((b, dec.num_queries, hidden), dtype)
+    segment_embeddings = TransformerDecoder(
+        num_layers=dec.num_layers, d_model=hidden, num_heads=dec.num_heads,
+        ffn_dim=dec.ffn_dim, dropout=dec.dropout, pre_norm=dec.pre_norm, dtype=dtype,
+        name='transformer')(tgt, memory, pos=pos, query_pos=query_embed[None].astype(dtype),
+                            train=train)                        # [L, B, Q, hidden]
+
+    # Mask embeddings -> per-pixel mask logits against the stride-4 mask features.
+    mask_embeddings = MLP(hidden, cfg.pixel_decoder.mask_dim, cfg.mask_embed_layers,
+                          dtype=dtype, name='mask_embed')(segment_embeddings)
+    pred_masks = jnp.einsum('lbqc,bhwc->lbqhw', mask_embeddings,
+                            mask_features.astype(dtype), preferred_element_type=jnp.float32)
+
+    semantic = torch_linear(cfg.embed_dim, hidden, dtype, 'semantic_proj')(segment_embeddings)
+    semantic = l2_normalize(semantic.astype(jnp.float32))       # semantic embeddings
+    bound = 1.0 / math.sqrt(cfg.embed_dim)  # bg_feature: kaiming_uniform(a=sqrt(5)), fan_in D
+    no_object = self.param(
+        'no_object_embedding',
+        lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound),
+        (cfg.embed_dim,))
+    pred_logits = eq1_logits(semantic, text_embeddings, no_object, 1.0 / cfg.temperature)
+    return {'pred_logits': pred_logits, 'pred_masks': pred_masks,
+            'semantic_embeddings': semantic}
+
+def eq1_logits(semantic_embeddings: jax.Array, text_embeddings: jax.Array,
+               no_object_embedding: jax.Array, logit_scale: float = 100.0) -> jax.Array:
+  """Eq. 1 of the paper: cosine-similarity class logits with a fixed temperature.
+
+  logit_c = cos(S_q, T_c) / tau for each class text embedding T_c. tau = 0.01, so the scale
+  is the constant 100, not a parameter (the reference's logit_scale has requires_grad
+  False). The no-object logit is 100 * <S_q, T_0> with the learnable no-object embedding
+  T_0. As in the official code (`bg_feature`), T_0 is **not** L2-normalised, so the
+  no-object logit is not a cosine. Text embeddings are used as given (L2-normalised by the
+  caller).
+
+  Args:
+    semantic_embeddings: [..., D] L2-normalised semantic embeddings S_q.
+    text_embeddings: [K, D] class text embeddings T_1..T_K.
+    no_object_embedding: [D] no-object embedding T_0 (unnormalised).
+    logit_scale: 1 / tau.
+
+  Returns:
+    [..., K + 1] float32 logits, no-object last.
+  """
+  s = semantic_embeddings.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST  # logits are scaled by 100: keep full f32 products
+  class_logits = jnp.einsum('...d,kd->...k', s, text_embeddings.astype(jnp.float32),
+                            precision=hi)
+  no_object_logit = jnp.einsum('...d,d->...', s, no_object_embedding.astype(jnp.float32),
+                               precision=hi)
+  return logit_scale * jnp.concatenate([class_logits, no_object_logit[..., None]], axis=-1)
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> ZegFormer:
+  """ZegFormer from the `model` sub-config. The config is frozen so the module is hashable."""
+  if not isinstance(model_config, ml_collections.FrozenConfigDict):
+    model_config = ml_collections.FrozenConfigDict(model_config)
+  return ZegFormer(config=model_config)
+
+
+def init_variables(model: ZegFormer, rng: jax.Array, image_hw: Tuple[int, int] = (64, 64),
+                   num_classes: int = 2, batch: int = 1) -> Dict[str, Any]:
+  """Initial variables {'params': ..., 'frozen': ...}; none depends on image_hw or K.
+
+  Jitted so that XLA drops the forward pass and only the initialisers run.
+  """
+  h, w = image_hw
+
+  @jax.jit
+  def init(key):
+    images = jnp.zeros((batch, h, w, 3), jnp.float32)
+    text = jnp.zeros((num_classes, model.config.embed_dim), jnp.float32)
+    variables = model.init({'params': key}, images, text, train=False)
+    return {'params': variables['params'], 'frozen': variables['frozen']}
+
+  return init(rng)

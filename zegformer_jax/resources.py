@@ -1,0 +1,65 @@
+"""Where a run's data and CLIP weights come from.
+
+Real datasets are read from `config.dataset.data_dir` (written by data_prep/<name>.py) and
+CLIP from `config.clip.model_path` (a local Hugging Face directory). The embedded
+ShapesWorld is generated on first use under `<workdir>/data`, and, when no CLIP path is
+given, a miniature CLIP is created under `<workdir>/clip`, so `make demo` needs nothing
+from outside.
+"""
+import logging
+import os
+
+import jax
+
+
+def data_dir(config, workdir: str) -> str:
+  """The dataset directory of this run; generates ShapesWorld when it is the dataset."""
+  if config.dataset.name == 'shapesworld':
+    path = config.dataset.data_dir or os.path.join(workdir, 'data')
+    # Generation is deterministic, so every process may run it; only process 0 writes, the
+    # others wait on the barrier (sync_global_devices) below.
+    if jax.process_index() == 0:
+      from data_prep import shapesworld
+      shapesworld.generate(
+          path, seed=config.dataset.world_seed, split=config.dataset.world_split,
+          num_train=config.dataset.num_train, num_val=config.dataset.num_val,
+          image_size=config.dataset.image_size)
+    _barrier('shapesworld data')
+    return path
+  path = config.dataset.data_dir
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'dataset directory {path!r} (config.dataset.data_dir) does not exist; convert the '
+        f'raw dataset with `python -m data_prep.{config.dataset.name} --input_dir RAW '
+        f'--output_dir {path or "DIR"}` or set --config.dataset.data_dir')
+  return path
+
+
+def clip_dir(config, workdir: str) -> str:
+  """The local CLIP directory; for ShapesWorld without one, the miniature CLIP."""
+  path = config.clip.model_path
+  if path:
+    if not os.path.isdir(path):
+      raise FileNotFoundError(
+          f'CLIP directory {path!r} (config.clip.model_path) does not exist; it must be a '
+          'local Hugging Face CLIP directory (config.json, flax_model.msgpack or '
+          'model.safetensors, vocab.json, merges.txt)')
+    return path
+  if config.dataset.name != 'shapesworld':
+    raise ValueError('config.clip.model_path is empty: set it to a local CLIP directory')
+  path = os.path.join(workdir, 'clip')
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(path, 'config.json')):
+    from data_prep import shapesworld
+    from zegformer_jax.models import clip
+    seen, unseen = shapesworld.class_names(config.dataset.world_split)
+    words = sorted({w for name in seen + unseen for w in name.replace(',', ' ').split()})
+    logging.info('creating a miniature CLIP in %s', path)
+    clip.create_tiny_clip(path, vocab_words=words, seed=config.seed)
+  _barrier('miniature clip')
+  return path
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
