@@ -1,0 +1,83 @@
+"""Every official experiment config carries its reference recipe; overrides are checked."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name, arg=None):
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+@pytest.mark.parametrize('name,depth,steps,crop,test_size,ignore,variant,gamma,test_prompts', [
+    ('coco_stuff_r50', 50, 60000, 640, (640, 2560), 255, 'full', 0.1, 'imagenet_select'),
+    ('coco_stuff_r101', 101, 60000, 640, (640, 2560), 255, 'full', 0.1, 'single'),
+    ('voc_r50', 50, 10000, 512, (512, 2048), 255, 'img', 0.0, 'single'),
+    ('voc_r101', 101, 10000, 512, (512, 2048), 255, 'full', 0.1, 'single'),
+    ('ade20k_full_r50', 50, 60000, 512, (512, 2048), 65535, 'full', 0.0, 'imagenet_select'),
+])
+def test_official_recipes(name, depth, steps, crop, test_size, ignore, variant, gamma,
+                          test_prompts):
+  c = load(name)
+  assert c.model.backbone.depth == depth
+  assert c.model.backbone.block_counts == common.RESNET_BLOCKS[depth]
+  assert c.train.total_steps == steps
+  assert c.input.crop_size == crop
+  assert (c.input.min_size_test, c.input.max_size_test) == test_size
+  assert c.dataset.ignore_value == ignore
+  assert (c.eval.variant, c.eval.gamma, c.clip.test_prompts) == (variant, gamma, test_prompts)
+  # Common recipe (reference section 4).
+  assert c.input.global_batch_size == 32
+  assert (c.optim.lr, c.optim.weight_decay, c.optim.backbone_multiplier) == (1e-4, 1e-4, 0.1)
+  assert (c.optim.poly_power, c.optim.clip_norm) == (0.9, 0.01)
+  assert (c.loss.mask_weight, c.loss.dice_weight, c.loss.no_object_weight) == (20.0, 1.0, 0.1)
+  assert (c.model.decoder.num_layers, c.model.decoder.num_heads, c.model.decoder.ffn_dim) == (6, 8, 2048)
+  assert (c.model.decoder.num_queries, c.model.decoder.dropout, c.model.temperature) == (100, 0.1, 0.01)
+
+
+def test_train_sizes():
+  assert load('coco_stuff_r50').input.min_size_train == tuple(range(320, 961, 64))
+  assert load('voc_r50').input.min_size_train == (
+      256, 307, 358, 409, 460, 512, 563, 614, 665, 716, 768, 819, 870, 921, 972, 1024)
+  assert load('ade20k_full_r50').input.min_size_train == load('voc_r50').input.min_size_train
+
+
+def test_config_args():
+  assert load('voc_r50', '30k').train.total_steps == 30000
+  assert load('voc_r101', '30k').train.total_steps == 30000
+  with pytest.raises(ValueError, match='10k, 30k'):
+    load('voc_r50', '40k')
+  smoke = load('shapesworld', 'smoke')
+  assert smoke.train.total_steps < 20
+
+
+def test_locked():
+  c = load('coco_stuff_r50')
+  with pytest.raises(AttributeError, match='lrr'):
+    c.optim.lrr = 1.0
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, '-m', 'zegformer_jax.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+def test_cli_unknown_key_is_one_line_error():
+  r = _main('--config', 'configs/voc_r50.py', '--config.optim.lrr=1', '--mode', 'summary')
+  assert r.returncode != 0
+  assert "unknown config key 'lrr' (from --config.optim.lrr=1)" in r.stderr
+  assert 'Did you mean "lr"' in r.stderr
+  assert 'Traceback' not in r.stderr
+
+
+def test_cli_wrong_type_is_one_line_error():
+  r = _main('--config', 'configs/voc_r50.py', '--config.optim.lr=abc', '--mode', 'summary')
+  assert r.returncode != 0
+  assert '--config.optim.lr=abc' in r.stderr and 'Traceback' not in r.stderr
