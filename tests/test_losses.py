@@ -135,6 +135,12 @@ def random_matches(rng, L, valid, Q):
   return q2t
 
 
+def criterion(outputs, targets, q2t, cfg):
+  """set_criterion under jit (eager op-by-op dispatch is slow on CPU)."""
+  return jax.jit(lambda o, t, m: losses.set_criterion(o, t, m, cfg))(
+      outputs, targets, q2t)
+
+
 def assert_losses_close(got, want):
   assert set(got) == set(want)
   for k in want:
@@ -159,24 +165,25 @@ def test_focal_and_dice_against_numpy():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 50)) * 4
   t = (rng.random((3, 50)) < 0.3).astype(np.float64)
-  got_f = np.asarray(losses.sigmoid_focal_loss(jnp.asarray(x, jnp.float32),
-                                               jnp.asarray(t, jnp.float32)))
-  got_d = np.asarray(losses.dice_loss(jnp.asarray(x, jnp.float32),
-                                      jnp.asarray(t, jnp.float32)))
+  @jax.jit
+  def terms(x, t):
+    return (losses.sigmoid_focal_loss(x, t), losses.dice_loss(x, t),
+            losses.sigmoid_focal_loss(x[0], t[0], 0.6, 1.5))
+
+  got_f, got_d, got_other = terms(jnp.asarray(x, jnp.float32),
+                                  jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(got_f, [np_focal(a, b) for a, b in zip(x, t)],
                              rtol=RTOL)
   np.testing.assert_allclose(got_d, [np_dice(a, b) for a, b in zip(x, t)],
                              rtol=RTOL)
   # Other alpha / gamma are honoured.
-  got = losses.sigmoid_focal_loss(jnp.asarray(x[0], jnp.float32),
-                                  jnp.asarray(t[0], jnp.float32), 0.6, 1.5)
-  np.testing.assert_allclose(float(got), np_focal(x[0], t[0], 0.6, 1.5),
+  np.testing.assert_allclose(float(got_other), np_focal(x[0], t[0], 0.6, 1.5),
                              rtol=RTOL)
   # Saturated logits stay finite (stable BCE), gradients too.
   big = jnp.array([[-60.0, 60.0, 60.0, -60.0]])
   tt = jnp.array([[1.0, 0.0, 1.0, 0.0]])
-  val, grad = jax.value_and_grad(
-      lambda z: losses.sigmoid_focal_loss(z, tt).sum())(big)
+  val, grad = jax.jit(jax.value_and_grad(
+      lambda z: losses.sigmoid_focal_loss(z, tt).sum()))(big)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
 
 
@@ -201,8 +208,7 @@ def test_set_criterion_against_numpy():
   cfg = loss_cfg()
   outputs, targets = make_batch(rng, L=2, B=2, Q=5, K=3, M=3)
   q2t = random_matches(rng, 2, targets['target_valid'], 5)
-  got = jax.jit(lambda o, t, m: losses.set_criterion(o, t, m, cfg))(
-      outputs, targets, q2t)
+  got = criterion(outputs, targets, q2t, cfg)
   assert set(got) == {'loss', 'loss_ce', 'loss_mask', 'loss_dice', 'loss_ce_0',
                       'loss_mask_0', 'loss_dice_0'}
   assert_losses_close(got, np_criterion(outputs, targets, q2t, cfg))
@@ -214,7 +220,7 @@ def test_weights_and_deep_supervision():
   q2t = random_matches(rng, 3, targets['target_valid'], 5)
   cfg = loss_cfg(class_weight=2.0, mask_weight=3.0, dice_weight=5.0,
                  no_object_weight=0.3)
-  got = losses.set_criterion(outputs, targets, q2t, cfg)
+  got = criterion(outputs, targets, q2t, cfg)
   assert_losses_close(got, np_criterion(outputs, targets, q2t, cfg))
   total = sum(w * float(got[k + s]) for s in ('', '_0', '_1')
               for k, w in (('loss_ce', 2.0), ('loss_mask', 3.0),
@@ -224,7 +230,7 @@ def test_weights_and_deep_supervision():
   # Without deep supervision only the final layer is reported and summed.
   cfg_final = loss_cfg(class_weight=2.0, mask_weight=3.0, dice_weight=5.0,
                        no_object_weight=0.3, deep_supervision=False)
-  final = losses.set_criterion(outputs, targets, q2t, cfg_final)
+  final = criterion(outputs, targets, q2t, cfg_final)
   assert set(final) == {'loss', 'loss_ce', 'loss_mask', 'loss_dice'}
   for k in ('loss_ce', 'loss_mask', 'loss_dice'):
     np.testing.assert_allclose(float(final[k]), float(got[k]), rtol=RTOL)
@@ -239,7 +245,7 @@ def test_num_masks_normalisation():
   cfg = loss_cfg()
   outputs, targets = make_batch(rng, L=1, B=2, Q=5, K=3, M=3)
   q2t = random_matches(rng, 1, targets['target_valid'], 5)
-  base = losses.set_criterion(outputs, targets, q2t, cfg)
+  base = criterion(outputs, targets, q2t, cfg)
   # 4 valid masks in the batch (3 + 1): mask terms are sum / 4.
   assert targets['target_valid'].sum() == 4
   per_mask_sum = 0.0
@@ -258,13 +264,14 @@ def test_num_masks_normalisation():
   # are 0 and every query targets no-object (plain mean CE over queries).
   empty = dict(targets, target_valid=np.zeros_like(targets['target_valid']))
   none = np.full_like(q2t, -1)
-  got = losses.set_criterion(outputs, empty, none, cfg)
+  got = criterion(outputs, empty, none, cfg)
   assert float(got['loss_mask']) == 0.0 and float(got['loss_dice']) == 0.0
   z = outputs['pred_logits'][0].astype(np.float64)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   np.testing.assert_allclose(float(got['loss_ce']), -logp[..., -1].mean(),
                              rtol=RTOL)
-  _, metrics = losses.compute_loss(outputs, empty, cfg, None)
+  _, metrics = jax.jit(lambda o, t: losses.compute_loss(o, t, cfg, None))(
+      outputs, empty)
   assert float(metrics['num_masks']) == 1.0
 
 

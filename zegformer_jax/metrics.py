@@ -38,7 +38,6 @@ import os
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -206,6 +205,8 @@ def write_metrics_json(metrics: Dict[str, Any], path: str) -> None:
       f.write('\n')
       f.flush()
       os.fsync(f.fileno())
+    # mkstemp creates the file 0600; metrics are meant to be read by others too.
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
