@@ -12,6 +12,9 @@ def maybe_initialize():
   TPU pod slice (TPU_WORKER_HOSTNAMES with several hosts). JAX discovers the rest itself.
   """
   if os.environ.get('ZEGFORMER_COORDINATOR'):
+    if os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+      # CPU processes on one machine (launch/local_multiprocess.sh): collectives over gloo.
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(
         coordinator_address=os.environ['ZEGFORMER_COORDINATOR'],
         num_processes=int(os.environ['ZEGFORMER_NUM_PROCESSES']),

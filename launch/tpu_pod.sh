@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# TPU pod slice: the same command on every worker of a TPU VM.
+#
+#   TPU_NAME=my-v4-64 ZONE=us-central2-b launch/tpu_pod.sh \
+#       --config configs/coco_stuff_r50.py --workdir gs://bucket/runs/coco_r50
+#
+# Each worker needs this repository at the same path ($REPO, default ~/zegformer_jax) and
+# `make install` run once (e.g. with --command "cd ~/zegformer_jax && make install").
+# jax.distributed.initialize() discovers the slice from the TPU metadata; the JAX
+# preemption sync point turns a maintenance event into a checkpoint and a clean exit.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+REPO=${REPO:-~/zegformer_jax}
+ARGS=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command \
+  "cd $REPO && TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m zegformer_jax.main $ARGS"
