@@ -81,6 +81,13 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     metrics['loss'] = loss
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['lr'] = schedule(state['step'])
+    # Numerics guard: a step whose loss or gradient is not finite leaves params and
+    # optimiser state untouched; the host sees `nonfinite` and stops before saving.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, opt_state), (state['params'], state['opt_state']))
+    metrics['nonfinite'] = (~finite).astype(jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -138,19 +145,28 @@ def train(config, workdir: str) -> dict:
   step = int(state['step'])
   last = {}
   t_start = time.time()
+  preemption = PreemptionWatch()
   while step < total_steps:
     batch = sharding.shard_batch({k: v for k, v in next(data_iter).items() if k in TRAIN_KEYS},
                                  mesh)
     state, metrics = train_step(state, batch, text_embeddings, dropout_rng)
     step += 1
+    # The guard needs this step's scalars on the host: one small transfer per step, which
+    # also bounds how far the host runs ahead of the device.
+    metrics = jax.device_get(metrics)
+    check_finite(step, metrics)
     if step % config.train.log_every == 0 or step == total_steps or step == 1:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(step, last)
-      last = writer.write(step, last)
+      last = writer.write(step, {k: float(v) for k, v in metrics.items() if k != 'nonfinite'})
       if step == 1:
         writer.reset_timer()  # the first step includes compilation
-    if ckpt.save(step, state, data_iter, force=step == total_steps):
+    stop = preemption.should_stop(step)
+    if ckpt.save(step, state, data_iter, force=step == total_steps or stop):
       writer.reset_timer()
+    if stop:
+      logging.warning('preempted: saved step %d in %s; rerun to resume', step, ckpt.directory)
+      print(f'preempted at step {step}: checkpoint saved, rerun the same command to resume',
+            flush=True)
+      break
     if (config.train.eval_every and step % config.train.eval_every == 0
         and step < total_steps):
       from zegformer_jax import evaluate
@@ -173,13 +189,48 @@ def train(config, workdir: str) -> dict:
   return summary
 
 
+class NonFiniteError(FloatingPointError):
+  """A loss term or the gradient was NaN/inf; the update was not applied."""
+
+
 def check_finite(step: int, metrics: dict):
-  """Stops training on a non-finite loss term, naming the step and the term."""
-  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
-  if bad:
-    raise FloatingPointError(
-        f'non-finite value at step {step}: {", ".join(f"{k}={metrics[k]}" for k in bad)}; '
-        'the latest checkpoint is the last good state')
+  """Stops training on a non-finite loss or gradient, naming the step and the terms."""
+  if not float(metrics.get('nonfinite', 0.0)):
+    return
+  bad = [k for k, v in metrics.items() if k != 'nonfinite' and not np.isfinite(v)]
+  raise NonFiniteError(
+      f'non-finite value at step {step}: '
+      f'{", ".join(f"{k}={float(metrics[k])}" for k in bad) or "gradient"}; the update was '
+      'not applied and the latest checkpoint is the last good state')
+
+
+class PreemptionWatch:
+  """SIGTERM (and, on multi-host jobs, JAX's preemption sync point) ends training cleanly.
+
+  On one process a SIGTERM handler sets a flag. With several processes all of them must
+  stop at the same step, which `multihost_utils.reached_preemption_sync_point` agrees on
+  (the coordination service turns SIGTERM / TPU maintenance notices into that point).
+  """
+
+  def __init__(self):
+    self.multihost = jax.process_count() > 1
+    self.signalled = False
+    if not self.multihost:
+      import signal
+      try:
+        signal.signal(signal.SIGTERM, self._handler)
+      except ValueError:  # not the main thread (e.g. inside a test runner thread)
+        pass
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    if self.multihost:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.signalled
 
 
 def _init_from(path: str, state):
