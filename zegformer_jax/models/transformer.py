@@ -22,7 +22,7 @@ Parameter naming (official key -> flax path, relative to `transformer`):
   layers.{i}.self_attn.out_proj.weight / .bias          layers_{i}/self_attn/out/kernel / bias
   layers.{i}.multihead_attn.* (cross-attention)         layers_{i}/multihead_attn/* (as above)
   layers.{i}.linear1 / linear2 .weight / .bias          layers_{i}/linear1 / linear2 kernel / bias
-  layers.{i}.norm1 / norm2 / norm3 .weight / .bias      layers_{i}/norm1 / norm2 / norm3 scale / bias
+  layers.{i}.norm1 / norm2 / norm3 .weight / .bias      layers_{i}/norm{1,2,3}/scale / bias
   norm.weight / .bias (shared final LayerNorm)          norm/scale / bias
   ====================================================  =====================================
 

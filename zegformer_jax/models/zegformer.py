@@ -38,18 +38,13 @@ import ml_collections
 
 from zegformer_jax.models.pixel_decoder import BasePixelDecoder
 from zegformer_jax.models.resnet import Conv2d, ResNet, c2_xavier_fill
-from zegformer_jax.models.transformer import TransformerDecoder, position_embedding_sine
+from zegformer_jax.models.transformer import TransformerDecoder
+from zegformer_jax.models.transformer import position_embedding_sine
+from zegformer_jax.models.transformer import torch_linear_bias_init
 
 # PyTorch's default nn.Linear init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)) for
 # the weight; the bias is U(+-1/sqrt(fan_in)) as well. mask_embed and projection_layer use it.
 torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def torch_linear_bias_init(fan_in: int):
-  bound = 1.0 / math.sqrt(fan_in)
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
 
 
 def torch_linear(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
@@ -90,6 +85,11 @@ class ZegFormer(nn.Module):
 
   Variables: 'params' (trainable) and 'frozen' (FrozenBN scale/bias/mean/var of the
   backbone). No parameter depends on the number of classes K.
+
+  Class logits follow Eq. 1 (see `eq1_logits`): 100 * cosine similarity between the
+  semantic embedding and each class text embedding, plus a no-object logit against the
+  learnable no-object embedding `no_object_embedding` [D], which, as in the official code
+  (`bg_feature`), is NOT L2-normalised.
   """
   config: Any
 
@@ -155,6 +155,7 @@ class ZegFormer(nn.Module):
     return {'pred_logits': pred_logits, 'pred_masks': pred_masks,
             'semantic_embeddings': semantic}
 
+
 def eq1_logits(semantic_embeddings: jax.Array, text_embeddings: jax.Array,
                no_object_embedding: jax.Array, logit_scale: float = 100.0) -> jax.Array:
   """Eq. 1 of the paper: cosine-similarity class logits with a fixed temperature.
@@ -195,15 +196,28 @@ def init_variables(model: ZegFormer, rng: jax.Array, image_hw: Tuple[int, int] =
                    num_classes: int = 2, batch: int = 1) -> Dict[str, Any]:
   """Initial variables {'params': ..., 'frozen': ...}; none depends on image_hw or K.
 
-  Jitted so that XLA drops the forward pass and only the initialisers run.
+  Args:
+    model: a ZegFormer.
+    rng: PRNG key for the 'params' initialisers.
+    image_hw: dummy input size (multiples of 32).
+    num_classes: dummy number of text embeddings K.
+    batch: dummy batch size.
+
+  Jitted, so XLA drops the forward pass and only the initialisers run. On CPU the program
+  is compiled without backend optimisation: it runs once, and the ~150 unrolled RNG
+  computations otherwise take several times longer to optimise than to execute.
+  Under jax.eval_shape nothing is compiled.
   """
   h, w = image_hw
 
-  @jax.jit
   def init(key):
     images = jnp.zeros((batch, h, w, 3), jnp.float32)
     text = jnp.zeros((num_classes, model.config.embed_dim), jnp.float32)
     variables = model.init({'params': key}, images, text, train=False)
     return {'params': variables['params'], 'frozen': variables['frozen']}
 
-  return init(rng)
+  if isinstance(rng, jax.core.Tracer):  # traced (eval_shape, an outer jit): no compile here
+    return init(rng)
+  lowered = jax.jit(init).lower(rng)
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
+  return lowered.compile(compiler_options=options)(rng)
