@@ -9,6 +9,7 @@ from data_prep import shapesworld as sw
 from zegformer_jax import augment
 from zegformer_jax import data_source
 from zegformer_jax import input_pipeline
+from zegformer_jax import losses
 from zegformer_jax import tfrecord
 
 NUM_TRAIN, NUM_VAL = 48, 18
@@ -196,12 +197,13 @@ def test_train_batches(data_dir):
   it = input_pipeline.make_train_iterator(c, data_dir, 0, 1)
   batch = next(it)
   m = c.input.max_masks
-  assert set(batch) == {'image', 'label', 'target_classes', 'target_masks', 'target_valid'}
+  assert set(batch) == {'image', 'label', 'target_classes', 'target_valid'}
   assert batch['image'].dtype == np.float32 and batch['image'].shape == (8, 64, 64, 3)
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (8, 64, 64)
   assert batch['target_classes'].dtype == np.int32 and batch['target_classes'].shape == (8, m)
-  assert batch['target_masks'].dtype == np.uint8 and batch['target_masks'].shape == (8, m, 64,
-                                                                                     64)
+  masks = np.asarray(losses.masks_from_label(batch['label'], batch['target_classes'],
+                                             batch['target_valid']))
+  assert masks.dtype == np.uint8 and masks.shape == (8, m, 64, 64)
   assert batch['target_valid'].dtype == np.bool_ and batch['target_valid'].shape == (8, m)
   assert 0 <= batch['image'].min() and batch['image'].max() <= 255
   num_seen = len(sw.class_names('default')[0])
@@ -210,7 +212,7 @@ def test_train_batches(data_dir):
   for b in range(8):
     for j in range(m):
       expect = (lab[b] == batch['target_classes'][b, j]) & batch['target_valid'][b, j]
-      np.testing.assert_array_equal(batch['target_masks'][b, j], expect)
+      np.testing.assert_array_equal(masks[b, j], expect)
   with pytest.raises(ValueError, match='not divisible by the process count 3'):
     input_pipeline.make_train_iterator(c, data_dir, 0, 3)
 

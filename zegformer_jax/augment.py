@@ -236,8 +236,8 @@ def test_resize(image: np.ndarray, min_size_test: int, max_size_test: int) -> np
 # ----------------------------------------------------------------------------- targets
 
 
-def make_targets(label: np.ndarray, num_classes: int, max_masks: int, ignore_value: int
-                 ) -> dict[str, np.ndarray]:
+def make_targets(label: np.ndarray, num_classes: int, max_masks: int, ignore_value: int,
+                 with_masks: bool = True) -> dict[str, np.ndarray]:
   """Per-class binary masks of a label map, padded to max_masks (static shapes).
 
   Classes present (excluding ignore_value) in ascending id order, as MaskFormer's semantic
@@ -248,7 +248,9 @@ def make_targets(label: np.ndarray, num_classes: int, max_masks: int, ignore_val
     label: int [H,W] with values in [0, num_classes) or ignore_value.
   Returns:
     target_classes int32 [M] (padding 0), target_masks uint8 [M,H,W] (padding 0),
-    target_valid bool [M], with M = max_masks.
+    target_valid bool [M], with M = max_masks. With with_masks=False the masks are left
+    out: the train step rebuilds them on device (losses.masks_from_label), which saves
+    M x H x W bytes per example of host memory and host-to-device transfer.
   """
   label = np.asarray(label)
   ids, counts = np.unique(label, return_counts=True)
@@ -271,9 +273,12 @@ def make_targets(label: np.ndarray, num_classes: int, max_masks: int, ignore_val
   m = ids.size
   classes = np.zeros(max_masks, np.int32)
   classes[:m] = ids
-  masks = np.zeros((max_masks,) + label.shape, np.uint8)
-  if m:
-    masks[:m] = label[None] == ids[:, None, None]
   valid = np.zeros(max_masks, bool)
   valid[:m] = True
-  return {'target_classes': classes, 'target_masks': masks, 'target_valid': valid}
+  out = {'target_classes': classes, 'target_valid': valid}
+  if with_masks:
+    masks = np.zeros((max_masks,) + label.shape, np.uint8)
+    if m:
+      masks[:m] = label[None] == ids[:, None, None]
+    out['target_masks'] = masks
+  return out

@@ -31,7 +31,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_names=('state', 'data'))
+        # Handlers named up front so metadata can be read before any save in this process.
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler()})
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -77,9 +79,15 @@ def _to_dict(tree):
 
 
 def check_compatible(saved_shapes: dict, abstract_state: Any, where: str) -> None:
-  """Raises CheckpointMismatchError naming the first parameter paths that differ."""
-  expected = traverse_util.flatten_dict(_to_dict(_plain(abstract_state)), sep='/')
+  """Raises CheckpointMismatchError naming the first parameter paths that differ.
+
+  Only `params` and `frozen` are compared: the optimiser state mirrors `params`, so a
+  mismatch there is always reported through the parameter it belongs to.
+  """
+  model_part = {k: abstract_state[k] for k in ('params', 'frozen') if k in abstract_state}
+  expected = traverse_util.flatten_dict(_to_dict(model_part), sep='/')
   expected = {k: tuple(v.shape) for k, v in expected.items()}
+  saved_shapes = {k: v for k, v in saved_shapes.items() if k.split('/')[0] in model_part}
   missing = sorted(set(expected) - set(saved_shapes))
   unexpected = sorted(set(saved_shapes) - set(expected))
   wrong = sorted(k for k in set(expected) & set(saved_shapes)
@@ -94,17 +102,6 @@ def check_compatible(saved_shapes: dict, abstract_state: Any, where: str) -> Non
   for k in unexpected[:10]:
     lines.append(f'  {k}: in the checkpoint but not in the model')
   raise CheckpointMismatchError('\n'.join(lines))
-
-
-def _plain(tree):
-  """Optax states are namedtuples; map them to dicts keyed by field index like orbax does."""
-  if hasattr(tree, '_fields'):
-    return {str(i): _plain(v) for i, v in enumerate(tree)}
-  if isinstance(tree, dict):
-    return {k: _plain(v) for k, v in tree.items()}
-  if isinstance(tree, (list, tuple)):
-    return {str(i): _plain(v) for i, v in enumerate(tree)}
-  return tree
 
 
 def params_fingerprint(params) -> dict:

@@ -23,7 +23,8 @@ Train batch (numpy, b = local batch, C = crop_size, M = max_masks):
   'image'          float32 [b,C,C,3]  RGB 0-255, padding 128 (not normalised)
   'label'          int32   [b,C,C]    train ids, padding and unseen pixels = ignore value
   'target_classes' int32   [b,M]      class id of each target mask (padding 0)
-  'target_masks'   uint8   [b,M,C,C]  label == target_classes[m]
+  (target masks, label == target_classes[m], are built on device by the train step:
+   losses.masks_from_label)
   'target_valid'   bool    [b,M]
   (+ 'record_index' int64 [b], 'epoch' int64 [b] with include_metadata=True)
 
@@ -136,7 +137,8 @@ class _TrainTransform:
         max_size_train=self.max_size_train, crop_size=self.crop_size,
         ignore_value=self.ignore, color_aug=self.color_aug)
     out = {'image': image.astype(np.float32), 'label': label}
-    out.update(augment.make_targets(label, self.num_classes, self.max_masks, self.ignore))
+    out.update(augment.make_targets(label, self.num_classes, self.max_masks, self.ignore,
+                                    with_masks=False))
     if self.include_metadata:
       out['record_index'] = np.int64(record)
       out['epoch'] = np.int64(epoch)

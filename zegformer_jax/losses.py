@@ -227,6 +227,19 @@ def set_criterion(outputs: Mapping[str, jnp.ndarray],
   return losses
 
 
+def masks_from_label(label, target_classes, target_valid):
+  """Per-class binary target masks rebuilt on device from the label map.
+
+  Args:
+    label: int32 [B, H, W] train ids (ignore value never equals a class id).
+    target_classes: int32 [B, M]; target_valid: bool [B, M].
+  Returns:
+    uint8 [B, M, H, W]: label == target_classes[m] where target_valid[m], else 0.
+  """
+  masks = (label[:, None] == target_classes[:, :, None, None]) & target_valid[:, :, None, None]
+  return masks.astype(jnp.uint8)
+
+
 def compute_loss(outputs: Mapping[str, jnp.ndarray],
                  targets: Mapping[str, jnp.ndarray], loss_cfg: Any,
                  mesh: Optional[jax.sharding.Mesh]

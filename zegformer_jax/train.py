@@ -68,7 +68,9 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     images = preprocess.normalize(batch['image'], mean, std)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=True, rngs={'dropout': rng})
-    return losses.compute_loss(outputs, batch, config.loss, mesh)
+    targets = dict(batch, target_masks=losses.masks_from_label(
+        batch['label'], batch['target_classes'], batch['target_valid']))
+    return losses.compute_loss(outputs, targets, config.loss, mesh)
 
   def train_step(state, batch, text_embeddings, rng):
     # The dropout key depends only on the step, so a resumed run draws the same masks.
@@ -100,7 +102,7 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
       donate_argnums=(0,))
 
 
-TRAIN_KEYS = ('image', 'target_classes', 'target_masks', 'target_valid')
+TRAIN_KEYS = ('image', 'label', 'target_classes', 'target_valid')
 
 
 def train(config, workdir: str) -> dict:
