@@ -44,6 +44,7 @@ def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eva
     mask_logits_full: [B, Q, Hp, Wp] mask logits at the padded input size.
     clip_inputs: None for 'seg'; else dict(image=[B, Hp, Wp, 3] CLIP-normalised image,
       embed=fn(images [N, S, S, 3]) -> [N, D] normalised CLIP image embeddings,
+      size=S (the CLIP image size: 224 for ViT-B/16),
       text=[K, D] CLIP text embeddings (image-branch prompt set), scale=CLIP logit scale).
     eval_cfg: config.eval (clip_style, clip_top_k, fusion_lambda).
     seen_mask: [K] bool.
@@ -57,7 +58,8 @@ def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eva
   # in the paper); the others keep their segmentation-branch probabilities.
   _, top = jax.lax.top_k(jnp.max(p_seg, axis=-1), k)                       # [B, k]
   masks_k = jnp.take_along_axis(mask_logits_full, top[:, :, None, None], axis=1)
-  sub = inference.subimages(clip_inputs['image'], masks_k, eval_cfg.clip_style)
+  sub = inference.subimages(clip_inputs['image'], masks_k, eval_cfg.clip_style,
+                            out_size=clip_inputs['size'])
   emb = clip_inputs['embed'](sub.reshape((b * k,) + sub.shape[2:])).reshape(b, k, -1)
   clip_logits = clip_inputs['scale'] * jnp.einsum('bqd,kd->bqk', emb, clip_inputs['text'])
   no_object = jnp.take_along_axis(pred_logits[..., -1], top, axis=1)
@@ -71,18 +73,17 @@ def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eva
   return p_seg.at[batch_idx, top].set(new_k)
 
 
-def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_model=None):
-  """Jitted ((conf, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (conf, n).
+def make_segment_fn(config, model, variant, label_hw_static, clip_model=None):
+  """fn(params, frozen, batch, text, seen, clip_params, clip_text) -> pred int32 [B, Hl, Wl].
 
-  conf is the [K+1, K+1] confusion matrix of metrics.confusion_matrix; n counts the valid
-  (non-padding) images, summed over every process by the sharded reduction.
+  The semantic segmentation of a batch at (padded) label resolution, not jitted: the
+  evaluator and `predict` wrap it. batch holds 'image' [B, Hp, Wp, 3] (0-255),
+  'image_hw' [B, 2] and 'label_hw' [B, 2]; text is [K, D]; seen is [K] bool.
   """
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
-  ignore = config.dataset.ignore_value
 
-  def step(acc, params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
-    conf, count = acc
+  def segment(params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
     images = preprocess.normalize(batch['image'], mean, std, batch['image_hw'])
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=False)
@@ -95,20 +96,48 @@ def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_mo
           image=preprocess.normalize(batch['image'], config_common.CLIP_PIXEL_MEAN,
                                      config_common.CLIP_PIXEL_STD, batch['image_hw']),
           embed=lambda x: clip.image_embeddings(clip_model, x, params=clip_params),
-          text=clip_text, scale=clip.clip_logit_scale(clip_params))
+          text=clip_text, scale=clip.clip_logit_scale(clip_params),
+          size=clip_model.config.vision_config.image_size)
     probs = class_probabilities(variant, pred_logits, mask_logits, clip_inputs, eval_cfg,
                                 seen_mask)
     sem_seg = inference.semantic_inference(probs, mask_logits)              # [B, K, Hp, Wp]
     sem_seg = inference.postprocess(sem_seg, batch['image_hw'], batch['label_hw'],
                                     label_hw_static)
     sem_seg = inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)        # Eq. 2
-    pred = jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
-    # Pixels beyond each label's own size are padding: mark them ignore.
+    return jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
+
+  return segment
+
+
+def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_model=None):
+  """Jitted ((conf, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (conf, n).
+
+  conf is the [K+1, K+1] confusion matrix of metrics.confusion_matrix; n counts the valid
+  (non-padding) images, summed over every process by the sharded reduction. Label pixels
+  beyond each label's own size hold the ignore value, so they never count.
+  """
+  segment = make_segment_fn(config, model, variant, label_hw_static, clip_model)
+  ignore = config.dataset.ignore_value
+
+  def step(acc, params, frozen, batch, *args):
+    conf, count = acc
+    pred = segment(params, frozen, batch, *args)
     conf = conf + metrics_lib.confusion_matrix(pred, batch['label'], num_classes, ignore,
                                                batch['example_valid'])
     return conf, count + jnp.sum(batch['example_valid'].astype(jnp.int32))
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def image_branch(config, workdir, class_names, variant):
+  """(CLIP model, its params, [K, D] image-branch text embeddings), or Nones for 'seg'."""
+  if variant == 'seg':
+    return None, None, None
+  from zegformer_jax import train
+  clip_model, _ = clip.load_clip(resources.clip_dir(config, workdir))
+  clip_text = train.class_text_embeddings(config, workdir, class_names,
+                                          config.clip.image_prompts)
+  return clip_model, clip_model.params, clip_text
 
 
 def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
@@ -130,13 +159,7 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
     from zegformer_jax.models import zegformer
     model = zegformer.build_model(config.model)
 
-  clip_model = clip_params = clip_text = None
-  if variant != 'seg':
-    clip_path = resources.clip_dir(config, workdir)
-    clip_model, _ = clip.load_clip(clip_path)
-    clip_params = clip_model.params
-    clip_text = train.class_text_embeddings(config, workdir, class_names,
-                                            config.clip.image_prompts)
+  clip_model, clip_params, clip_text = image_branch(config, workdir, class_names, variant)
 
   t0 = time.time()
   acc = None

@@ -1,0 +1,104 @@
+"""Class lists and seen/unseen splits of the real datasets, from package data (assets/).
+
+The JSON files in zegformer_jax/assets/ are copied as data from the official ZegFormer split
+files (../shared/reference/data, see official_zegformer.md sections 5 and 10):
+
+  coco_stuff_classes.json   171 classes in the ZegFormer "all" order: 156 seen, then 15 unseen
+  voc_classes.json          20 classes (ids 1..20), seen 1-15, unseen 16-20
+  voc_train_list.json       the 10,582 train image names of voc12/split/train_list.npy
+  voc_test_list.json        the 1,449 val image names of voc12/split/test_list.npy
+  ade20k_full_classes.json  847 classes in the frequency-list order; seen = frequent + common
+                            (572), unseen = rare (275)
+
+Every class entry has: name; id (the class's value in the raw label files: stuffthingmaps
+value = COCO id - 1, VOC id, ADE (R // 10) * 256 + G); trainId (its label in val_all, i.e.
+its position in the "all" order); split ('seen' | 'unseen'); trainId_seen (label in train and
+val_seen, or None); trainId_unseen (label in val_unseen, or None); plus per-dataset extras
+(coco_id, isthing, color, frequency, image_count).
+
+The converted splits (data_prep/<dataset>.py) use these label orders:
+  train, val_seen  seen classes in trainId_seen order
+  val_unseen       unseen classes in trainId_unseen order
+  val_all          all classes in trainId order
+"""
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+
+import numpy as np
+
+DATASETS = ('coco_stuff', 'voc', 'ade20k_full')
+SPLITS = ('train', 'val_seen', 'val_unseen', 'val_all')
+_CLASS_FILES = {d: f'{d}_classes.json' for d in DATASETS}
+
+
+def _asset_text(name: str) -> str:
+  return importlib.resources.files('zegformer_jax').joinpath('assets', name).read_text(
+      encoding='utf-8')
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> dict:
+  return json.loads(_asset_text(name))
+
+
+def _check_dataset(dataset: str) -> None:
+  if dataset not in _CLASS_FILES:
+    raise ValueError(f'unknown dataset {dataset!r}; known: {list(DATASETS)}')
+
+
+def dataset_meta(dataset: str) -> dict:
+  """The whole asset of `dataset`: {'dataset', 'description', 'ignore_value', 'classes', ...}."""
+  _check_dataset(dataset)
+  return _load(_CLASS_FILES[dataset])
+
+
+def classes(dataset: str) -> list[dict]:
+  """The class entries of `dataset` in the "all" order (copies; see the module docstring)."""
+  return [dict(c) for c in dataset_meta(dataset)['classes']]
+
+
+def ignore_value(dataset: str) -> int:
+  """Ignore label of the converted splits (255, or 65535 for ADE20k-Full)."""
+  return int(dataset_meta(dataset)['ignore_value'])
+
+
+def split_classes(dataset: str, split: str) -> list[dict]:
+  """The class entries whose label ids form `split`, in label-id order."""
+  cls = dataset_meta(dataset)['classes']
+  if split in ('train', 'val_seen'):
+    key = 'trainId_seen'
+  elif split == 'val_unseen':
+    key = 'trainId_unseen'
+  elif split == 'val_all':
+    key = 'trainId'
+  else:
+    raise ValueError(f'unknown split {split!r} of {dataset}; known: {list(SPLITS)}')
+  chosen = sorted((c for c in cls if c[key] is not None), key=lambda c: c[key])
+  if [c[key] for c in chosen] != list(range(len(chosen))):
+    raise ValueError(f'assets/{_CLASS_FILES[dataset]}: {key} is not 0..{len(chosen) - 1}')
+  return [dict(c) for c in chosen]
+
+
+def split_names(dataset: str, split: str) -> tuple[list[str], np.ndarray]:
+  """(class names in label-id order, seen mask bool [K]) of a converted split."""
+  chosen = split_classes(dataset, split)
+  return [c['name'] for c in chosen], np.asarray([c['split'] == 'seen' for c in chosen],
+                                                  np.bool_)
+
+
+def split_label_lut(dataset: str, split: str, size: int) -> np.ndarray:
+  """int64 [size]: raw label value (class `id`) -> label id of `split`; -1 where unmapped."""
+  lut = np.full(size, -1, np.int64)
+  for label, c in enumerate(split_classes(dataset, split)):
+    lut[int(c['id'])] = label
+  return lut
+
+
+def voc_image_list(which: str) -> list[str]:
+  """Image names of the official VOC list `which` ('train_list' | 'test_list')."""
+  if which not in ('train_list', 'test_list'):
+    raise ValueError(f'unknown VOC list {which!r}; known: train_list, test_list')
+  return list(_load(f'voc_{which}.json')['names'])
