@@ -8,3 +8,16 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """(config, workdir) of a ShapesWorld smoke training run, trained once per test worker."""
+  from configs import shapesworld
+  from zegformer_jax import train
+  config = shapesworld.get_config('smoke')
+  workdir = str(tmp_path_factory.mktemp('smoke_run'))
+  train.train(config, workdir)
+  return config, workdir

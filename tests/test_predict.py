@@ -1,0 +1,87 @@
+"""Open-vocabulary prediction and the evaluation entry point on a trained smoke run."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zegformer_jax import evaluate
+from zegformer_jax import predict
+
+
+def test_parse_classes(tmp_path):
+  assert predict.parse_classes('cat, grass ,sky', None) == ['cat', 'grass', 'sky']
+  f = tmp_path / 'names.txt'
+  f.write_text('red circle\nbrick wall\n')
+  assert predict.parse_classes(None, str(f)) == ['red circle', 'brick wall']
+  with pytest.raises(ValueError, match=r"duplicate class name 'cat' at --classes item 3 \(first at --classes item 1\)"):
+    predict.parse_classes('cat,dog,cat', None)
+  with pytest.raises(ValueError, match='empty class name at --classes item 2'):
+    predict.parse_classes('cat,,dog', None)
+  f.write_text('cat\n  \ndog\n')
+  with pytest.raises(ValueError, match=f'empty class name at {f}:2'):
+    predict.parse_classes(None, str(f))
+  with pytest.raises(FileNotFoundError, match='nope.txt'):
+    predict.parse_classes(None, str(tmp_path / 'nope.txt'))
+  with pytest.raises(ValueError, match='exactly one'):
+    predict.parse_classes('a', str(f))
+
+
+def test_list_and_load_images(tmp_path):
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'b.png')
+  Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / 'a.jpg')
+  (tmp_path / 'notes.txt').write_text('x')
+  assert predict.list_images(str(tmp_path)) == [str(tmp_path / 'a.jpg'), str(tmp_path / 'b.png')]
+  with pytest.raises(FileNotFoundError, match='missing.png'):
+    predict.list_images(str(tmp_path / 'missing.png'))
+  bad = tmp_path / 'bad.png'
+  bad.write_bytes(b'not a png')
+  with pytest.raises(ValueError, match='cannot decode image .*bad.png'):
+    predict.load_image(str(bad))
+
+
+def test_shares_and_overlay():
+  labels = np.array([[0, 0, 2], [2, 2, 2]])
+  s = predict.shares(labels, ['a', 'b', 'c'])
+  assert s == [{'name': 'c', 'pixels': 4, 'share': 4 / 6}, {'name': 'a', 'pixels': 2, 'share': 2 / 6}]
+  img = np.full((2, 3, 3), 100, np.uint8)
+  ov = np.asarray(predict.overlay(img, labels, ['a', 'b', 'c']))
+  colours = predict.palette(3)
+  np.testing.assert_array_equal(ov[0, 0], ((100 * 0.5 + colours[0] * 0.5)).astype(np.uint8))
+  np.testing.assert_array_equal(ov[1, 2], ((100 * 0.5 + colours[2] * 0.5)).astype(np.uint8))
+  assert ov.shape[1] > 3   # legend to the right
+  assert len({tuple(c) for c in predict.palette(30)}) == 30
+
+
+def test_eval_writes_schema(smoke_run):
+  config, workdir = smoke_run
+  result = evaluate.evaluate(config, workdir, variant='seg')
+  with open(os.path.join(workdir, 'metrics_seg.json')) as f:
+    on_disk = json.load(f)
+  keys = {'dataset', 'variant', 'num_images', 'mIoU', 'mIoU_seen', 'mIoU_unseen', 'hIoU', 'pAcc',
+          'mAcc', 'fwIoU', 'per_class'}
+  assert keys <= set(on_disk)
+  assert on_disk['num_images'] == config.dataset.num_val
+  assert on_disk['variant'] == 'seg' and on_disk['dataset'] == 'shapesworld'
+  assert {tuple(sorted(c)) for c in on_disk['per_class']} == {('Acc', 'IoU', 'name', 'split')}
+  assert 0 <= on_disk['pAcc'] <= 100
+  assert on_disk['mIoU'] == pytest.approx(result['mIoU'])
+
+
+def test_predict_end_to_end(smoke_run, tmp_path):
+  config, workdir = smoke_run
+  rng = np.random.default_rng(0)
+  for name, (h, w) in {'x.png': (64, 64), 'y.jpg': (50, 90)}.items():
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+  out = tmp_path / 'out'
+  res = predict.run(config, workdir, images=f'{tmp_path / "x.png"},{tmp_path / "y.jpg"}',
+                    classes='red circle,sand,a thing never seen', output_dir=str(out))
+  assert len(res) == 2
+  labels = np.asarray(Image.open(out / 'y_labels.png'))
+  assert labels.shape == (50, 90) and labels.max() < 3
+  with open(out / 'y.json') as f:
+    rec = json.load(f)
+  assert sum(c['pixels'] for c in rec['classes']) == 50 * 90
+  assert rec['classes'] == predict.shares(labels, ['red circle', 'sand', 'a thing never seen'])
+  assert (out / 'x_overlay.png').exists()
