@@ -14,7 +14,8 @@ label values to the split's label ids). `convert()` then does the rest:
                 shard whose .done matches, whose file has that size and whose record headers
                 (CRC-checked) count as many records is not rewritten. Shards are written to a
                 temporary file and renamed (tfrecord.TFRecordWriter), so a crash never
-                leaves a half shard under the final name.
+                leaves a half shard under the final name. The fingerprint covers file names,
+                not contents: after editing raw files in place, delete the .done files.
   bad files     a missing partner (image without label or the reverse), an unreadable file,
                 an image whose size differs from its label's, or a label value outside the
                 dataset's raw range raises BadFileError naming the file. With skip_bad the
@@ -325,15 +326,17 @@ def _num_shards(n: int, requested: int | None) -> int:
   return max(1, min(want, n))
 
 
-_SHARD_RE = re.compile(r'(?P<split>.+)\.tfrecord-\d{5}-of-\d{5}(\.done)?')
+_SHARD_RE = re.compile(
+    r'(?P<shard>(?P<split>.+)\.tfrecord-\d{5}-of-\d{5})(\.done)?(?P<tmp>\.tmp-\d+)?')
 
 
 def _remove_stale_shards(out_dir: str, split: str, keep: set[str]) -> None:
-  """Removes shards of `split` from an earlier run with another shard count."""
-  for f in os.listdir(out_dir):
+  """Removes files of `split` left by an earlier run: shards of another shard count, and
+  temporary files of a run that was killed while writing."""
+  for f in sorted(os.listdir(out_dir)):
     m = _SHARD_RE.fullmatch(f)
-    if m and m.group('split') == split and f.removesuffix(DONE_SUFFIX) not in keep:
-      logging.info('removing %s (left by a run with another shard count)', f)
+    if m and m.group('split') == split and (m.group('tmp') or m.group('shard') not in keep):
+      logging.info('removing %s (left by an earlier run)', f)
       os.remove(os.path.join(out_dir, f))
 
 
@@ -464,6 +467,10 @@ def run_cli(main: Callable[[Sequence[str] | None], Any]) -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
   try:
     main(None)
-  except (BadFileError, ValueError, FileNotFoundError) as e:
+  except BadFileError as e:
+    hint = '' if '--skip_bad' in str(e) else ' (pass --skip_bad to leave such files out)'
+    print(f'error: {e}{hint}', file=sys.stderr)
+    sys.exit(1)
+  except (ValueError, FileNotFoundError) as e:  # a wrong flag or raw layout
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
