@@ -17,6 +17,7 @@ from configs import coco_stuff_r101
 from configs import coco_stuff_r50
 from configs import shapesworld
 from zegformer_jax import summary
+from zegformer_jax.convert import official_to_flax
 from zegformer_jax.models import pixel_decoder
 from zegformer_jax.models import resnet
 from zegformer_jax.models import transformer
@@ -82,56 +83,6 @@ def test_official_parameter_totals(config_module, with_frozen, without_frozen):
     assert any(line.startswith(name + ' ') for line in lines), name
 
 
-def _official_to_flax(key, shape):
-  """Independent name mapping official R-50 key -> [(collection, path, shape)]."""
-  parts = key.split('.')
-  if parts[0] == 'backbone':
-    top, rest, coll_norm = ['backbone'], parts[1:], 'frozen'
-    if rest[0].startswith('res'):
-      rest = [f'{rest[0]}_{rest[1]}'] + rest[2:]
-  elif parts[:2] == ['sem_seg_head', 'pixel_decoder']:
-    top, rest, coll_norm = ['pixel_decoder'], parts[2:], 'params'
-  elif parts[:4] == ['sem_seg_head', 'predictor', 'transformer', 'decoder']:
-    top, rest, coll_norm = ['transformer'], parts[4:], 'params'
-    if rest[0] == 'layers':
-      rest = [f'layers_{rest[1]}'] + rest[2:]
-  elif parts[:2] == ['sem_seg_head', 'predictor']:
-    rest, coll_norm = parts[2:], 'params'
-    top = []
-    if rest[0] == 'bg_feature':
-      return [('params', ('no_object_embedding',), (shape[1],))]
-    if rest[0] == 'query_embed':
-      return [('params', ('query_embed',), tuple(shape))]
-    if rest[0] == 'projection_layer':
-      rest = ['semantic_proj'] + rest[1:]
-    if rest[0] == 'mask_embed':
-      rest = ['mask_embed', f'layers_{rest[2]}'] + rest[3:]
-  else:
-    raise AssertionError(key)
-  *mods, leaf = rest
-  path = tuple(top + mods)
-  if mods and mods[-1].startswith('norm'):
-    coll = coll_norm
-    name = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean',
-            'running_var': 'var'}[leaf]
-    return [(coll, path + (name,), tuple(shape))]
-  if leaf == 'in_proj_weight':
-    d = shape[1]
-    return [('params', path + (n, 'kernel'), (d, d)) for n in ('query', 'key', 'value')]
-  if leaf == 'in_proj_bias':
-    d = shape[0] // 3
-    return [('params', path + (n, 'bias'), (d,)) for n in ('query', 'key', 'value')]
-  if path[-1] == 'out_proj':
-    path = path[:-1] + ('out',)
-  if leaf == 'bias':
-    return [('params', path + ('bias',), tuple(shape))]
-  assert leaf == 'weight', key
-  if len(shape) == 4:
-    o, i, kh, kw = shape
-    return [('params', path + ('kernel',), (kh, kw, i, o))]
-  return [('params', path + ('kernel',), (shape[1], shape[0]))]
-
-
 def test_variables_match_official_state_dict_keys():
   """Every official R-50 tensor maps onto exactly one of ours (q/k/v split), shapes agree."""
   with open(REFERENCE_KEYS) as f:
@@ -145,7 +96,7 @@ def test_variables_match_official_state_dict_keys():
   for entry in keys:
     if entry['key'] in ('criterion.empty_weight', 'sem_seg_head.predictor.logit_scale'):
       continue
-    for coll, path, shape in _official_to_flax(entry['key'], entry['shape']):
+    for coll, path, shape in official_to_flax(entry['key'], entry['shape']):
       assert (coll, path) not in mapped
       mapped[(coll, path)] = shape
   assert set(mapped) == set(ours), (set(mapped) ^ set(ours))
