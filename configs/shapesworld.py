@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.model.decoder.num_queries = 16
   c.model.embed_dim = 64
 
-  c.clip.model_path = ''           # '' -> <workdir>/clip (created on first use)
+  c.clip.model_path = ''           # '' -> <workdir>/clip (pretrained on first use)
   c.clip.train_prompts = 'single'
   c.clip.test_prompts = 'single'
   c.clip.text_batch_size = 64
@@ -73,6 +73,10 @@ def get_config(arg=None):
     c.train.total_steps = 6
     c.train.log_every = 2
     c.train.checkpoint_every = 3
+    c.clip.pretrain_steps = 20       # a barely trained CLIP: same code path, seconds
+    c.clip.pretrain_batch = 32
+    c.clip.pretrain_pool_per_class = 8
+    c.clip.pretrain_eval_per_class = 2
   elif arg not in (None, ''):
     raise ValueError(f'shapesworld config argument must be "smoke" or empty; got {arg!r}')
   return common.lock(c)

@@ -3,8 +3,8 @@
 Real datasets are read from `config.dataset.data_dir` (written by data_prep/<name>.py) and
 CLIP from `config.clip.model_path` (a local Hugging Face directory). The embedded
 ShapesWorld is generated on first use under `<workdir>/data`, and, when no CLIP path is
-given, a miniature CLIP is created under `<workdir>/clip`, so `make demo` needs nothing
-from outside.
+given, a miniature CLIP is pretrained under `<workdir>/clip` (zegformer_jax/clip_pretrain.py),
+so `make demo` needs nothing from outside.
 """
 import logging
 import os
@@ -36,7 +36,12 @@ def data_dir(config, workdir: str) -> str:
 
 
 def clip_dir(config, workdir: str) -> str:
-  """The local CLIP directory; for ShapesWorld without one, the miniature CLIP."""
+  """The local CLIP directory; for ShapesWorld without one, the pretrained miniature CLIP.
+
+  The miniature CLIP is pretrained once into `<workdir>/clip` by
+  clip_pretrain.ensure_mini_clip (config.dataset.world_split, config.seed and the
+  config.clip.pretrain_* fields) and reused afterwards.
+  """
   path = config.clip.model_path
   if path:
     if not os.path.isdir(path):
@@ -48,13 +53,16 @@ def clip_dir(config, workdir: str) -> str:
   if config.dataset.name != 'shapesworld':
     raise ValueError('config.clip.model_path is empty: set it to a local CLIP directory')
   path = os.path.join(workdir, 'clip')
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(path, 'config.json')):
-    from data_prep import shapesworld
-    from zegformer_jax.models import clip
-    seen, unseen = shapesworld.class_names(config.dataset.world_split)
-    words = sorted({w for name in seen + unseen for w in name.replace(',', ' ').split()})
-    logging.info('creating a miniature CLIP in %s', path)
-    clip.create_tiny_clip(path, vocab_words=words, seed=config.seed)
+  if jax.process_index() == 0:
+    from zegformer_jax import clip_pretrain
+    c = config.clip
+    if not clip_pretrain.is_complete(path):
+      logging.info('pretraining the miniature CLIP in %s (%d steps)', path, c.pretrain_steps)
+    clip_pretrain.ensure_mini_clip(
+        path, world_split=config.dataset.world_split, seed=config.seed,
+        steps=c.pretrain_steps, batch_size=c.pretrain_batch, lr=c.pretrain_lr,
+        image_size=c.pretrain_image_size, pool_per_class=c.pretrain_pool_per_class,
+        eval_per_class=c.pretrain_eval_per_class)
   _barrier('miniature clip')
   return path
 

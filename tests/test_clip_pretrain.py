@@ -1,0 +1,255 @@
+"""Tests of zegformer_jax.clip_pretrain: the miniature CLIP of ShapesWorld.
+
+Oracles are independent of the code under test: shapesworld.render_class_crop for the
+pictures, inference.subimages / mask_boxes (the evaluation's own sub-images) for the
+cropmask crops, a loop-by-loop numpy InfoNCE for the loss, models.clip.load_clip for the
+saved directory. Pretraining runs are tiny (a few steps, a handful of examples per class):
+they check the plumbing, not the accuracy.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from configs import shapesworld as shapesworld_config
+from data_prep import shapesworld as sw
+from zegformer_jax import clip_pretrain as cp
+from zegformer_jax import inference, resources
+from zegformer_jax.models import clip
+
+# A run small enough for tests: 32-px images, 16 steps of 8 pairs.
+TINY = dict(world_split='default', seed=3, steps=16, batch_size=8, lr=3e-3, image_size=32,
+            pool_per_class=4, eval_per_class=1)
+
+
+@pytest.fixture(scope='module')
+def smoke_clip(tmp_path_factory):
+  """(config, workdir, stats) after resources.clip_dir with the smoke config."""
+  config = shapesworld_config.get_config('smoke')
+  workdir = str(tmp_path_factory.mktemp('clip_run'))
+  path = resources.clip_dir(config, workdir)
+  assert path == os.path.join(workdir, 'clip')
+  return config, workdir, cp.read_stats(path)
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  """(path, stats) of a TINY pretraining."""
+  path = str(tmp_path_factory.mktemp('tiny') / 'clip')
+  return path, cp.pretrain_mini_clip(path, **TINY)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+@pytest.mark.parametrize('name', ['red star', 'blue ring', 'yellow cross', 'brick wall', 'sky'])
+def test_class_example_is_render_class_crop_with_its_mask(name):
+  image, mask = cp.render_class_example(name, np.random.default_rng(7), 48)
+  want = sw.render_class_crop(name, np.random.default_rng(7), 48)
+  np.testing.assert_array_equal(image, want)
+  assert mask.shape == (48, 48) and mask.dtype == bool
+  assert 0.05 < mask.mean() < 0.97
+  if name in sw.THINGS:
+    # The thing is painted exactly where the mask is: its colour dominates inside only.
+    rgb = np.asarray(sw.COLOURS[name.split(' ')[0]], np.float32)
+    dist = np.linalg.norm(image.astype(np.float32) - rgb, axis=-1)
+    assert np.median(dist[mask]) < np.median(dist[~mask])
+
+
+def test_perturbed_mask_stays_close_and_non_empty():
+  rng = np.random.default_rng(0)
+  mask = np.zeros((20, 20), bool)
+  mask[5:9, 6:12] = True
+  grown = np.zeros((20, 20), bool)
+  grown[4:10, 5:13] = True   # one 8-neighbourhood step, a superset of one 4-step dilation
+  for _ in range(20):
+    out = cp.perturb_mask(mask, rng)
+    assert out.any() and not (out & ~grown).any()
+    assert (out & mask).sum() >= (mask.sum() - 2 * (4 + 6))   # at most one ring eroded
+  single = np.zeros((5, 5), bool)
+  single[2, 2] = True
+  for _ in range(10):   # eroding a single pixel would empty it: kept instead
+    assert cp.perturb_mask(single, rng).any()
+
+
+# ---------------------------------------------------------------------------- sub-images
+
+
+def test_mask_box_matches_inference():
+  rng = np.random.default_rng(1)
+  masks = rng.uniform(size=(6, 12, 10)) > 0.93
+  masks[3] = False                      # empty: the whole image
+  masks[4] = False
+  masks[4, 5, 2:7] = True               # a single row: the whole image
+  want = np.asarray(inference.mask_boxes(jnp.asarray(masks)))
+  got = np.asarray([cp.mask_box(m) for m in masks], np.float32)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('style', ['cropmask', 'crop'])
+def test_subimages_match_inference(style):
+  rng = np.random.default_rng(2)
+  n, h, w, out = 5, 24, 20, 16
+  images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+  masks = np.zeros((n, h, w), bool)
+  masks[0, 3:10, 4:15] = True
+  masks[1, 12:23, 1:6] = True
+  masks[2] = rng.uniform(size=(h, w)) > 0.7
+  masks[3, 5, 5] = True                 # degenerate box
+  masks[4, 2:22:3, 2:18:4] = True       # scattered pixels
+  norm = cp.normalize(images)
+  logits = np.where(masks, 10.0, -10.0).astype(np.float32)[:, None]   # [N, 1, H, W]
+  want = np.asarray(inference.subimages(jnp.asarray(norm), jnp.asarray(logits), style, out))
+  got = cp.subimages(images, masks, out, style == 'cropmask', chunk=2)
+  np.testing.assert_allclose(got, want[:, 0], atol=1e-4)
+  # The uint8 form is the same picture, denormalised (CLIP mean colour outside the mask).
+  as_uint8 = cp.subimages(images, masks, out, style == 'cropmask', as_uint8=True)
+  np.testing.assert_allclose(cp.normalize(as_uint8), got, atol=0.51 / 66)
+
+
+def test_render_pool_is_balanced_and_deterministic():
+  kw = dict(seed=5, stream=99, image_size=32, mix=(1, 1, 1, 1))
+  names = ['red star', 'green ring', 'sand', 'sky']
+  pool = cp.render_pool(names, 8, **kw)
+  assert pool['images'].shape == (32, 32, 32, 3) and pool['images'].dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(pool['labels']), [8] * 4)
+  np.testing.assert_array_equal(np.bincount(pool['kinds']), [8] * 4)
+  again = cp.render_pool(names, 8, **kw)
+  for k in pool:
+    np.testing.assert_array_equal(pool[k], again[k])
+
+
+def test_batches_hold_each_class_at_most_once_when_they_can():
+  k, t, length = 5, 3, 4
+  pool = {'images': np.zeros((k * 2, 8, 8, 3), np.uint8),
+          'labels': np.repeat(np.arange(k, dtype=np.int32), 2), 'kinds': np.zeros(k * 2)}
+  ids = np.arange(k * t * length, dtype=np.int32).reshape(k, t, length)
+  sampler = cp.BatchSampler(pool, ids, np.ones_like(ids), np.random.default_rng(0))
+  for _ in range(5):
+    images, bids, _, labels = sampler(4)
+    assert len(set(labels.tolist())) == 4 and images.shape == (4, 8, 8, 3)
+    # Each caption belongs to its example's class.
+    assert all(row[0] // (t * length) == c for row, c in zip(bids, labels))
+  _, _, _, labels = sampler(12)   # 12 > 5 classes: counts differ by at most one
+  counts = np.bincount(labels, minlength=k)
+  assert counts.max() - counts.min() <= 1
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def _infonce_numpy(img, txt, logit_scale, labels):
+  """Loop-by-loop symmetric InfoNCE; same-class pairs share the target mass."""
+  img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+  logits = np.exp(logit_scale) * img @ txt.T
+  b = len(labels)
+  total = 0.0
+  for direction in (logits, logits.T):
+    for i in range(b):
+      row = direction[i]
+      log_p = row - (row.max() + np.log(np.exp(row - row.max()).sum()))
+      positives = [j for j in range(b) if labels[j] == labels[i]]
+      total += -sum(log_p[j] for j in positives) / len(positives) / b
+  return total / 2
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_contrastive_loss_against_numpy():
+  rng = np.random.default_rng(0)
+  img = _unit(rng.normal(size=(7, 5)))
+  txt = _unit(rng.normal(size=(7, 5)))
+  for labels in ([0, 1, 2, 3, 4, 5, 6], [0, 1, 0, 2, 1, 0, 3]):
+    got = cp.contrastive_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                              jnp.float32(2.3), jnp.asarray(labels))
+    np.testing.assert_allclose(float(got), _infonce_numpy(img, txt, 2.3, labels), rtol=1e-5)
+  # Distinct labels: CLIP's own loss (one-hot targets on the diagonal).
+  logits = np.exp(2.3) * img @ txt.T
+  lse = lambda x, ax: np.log(np.exp(x).sum(ax))
+  clip_loss = 0.5 * (np.mean(lse(logits, 1) - np.diag(logits)) +
+                     np.mean(lse(logits, 0) - np.diag(logits)))
+  got = cp.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), jnp.float32(2.3),
+                            jnp.arange(7))
+  np.testing.assert_allclose(float(got), clip_loss, rtol=1e-5)
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_run):
+  path, _ = tiny_run
+  model, tokenizer = clip.load_clip(path)
+  names = ['red star', 'green ring', 'blue square', 'yellow circle', 'sand', 'wood']
+  pool = cp.render_pool(names, 1, seed=0, stream=50, image_size=32, mix=(1, 0, 0, 0))
+  ids, mask = cp._caption_tokens(tokenizer, names, cp.caption_templates()[:2], 32)
+  images = jnp.asarray(cp.normalize(pool['images']))
+  labels = jnp.asarray(pool['labels'])
+  ids, mask = jnp.asarray(ids[:, 0]), jnp.asarray(mask[:, 0])
+  params = cp.clip_init(model.params, model.config, 0)
+  tx = cp.make_optimizer(params, 3e-3, 40, 4)
+  step = cp.make_train_step(model, tx)
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(40):
+    params, opt_state, metrics = step(params, opt_state, images, ids, mask, labels)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.25 * losses[0], losses
+  assert np.mean(losses[-5:]) < 0.25 * np.mean(losses[:5]), losses
+  assert float(jnp.exp(params['logit_scale'])) <= 100.0 + 1e-3
+
+
+# ---------------------------------------------------------------------------- saved model
+
+
+def test_pretraining_saves_a_loadable_clip_with_stats(tiny_run):
+  path, stats = tiny_run
+  model, tokenizer = clip.load_clip(path)
+  assert model.config.vision_config.image_size == 32
+  emb = clip.image_embeddings(model, np.zeros((2, 32, 32, 3), np.float32))
+  assert emb.shape == (2, model.config.projection_dim)
+  text = clip.text_embeddings(model, tokenizer, ['red star', 'brick wall'],
+                              clip.prompt_templates('select_clip'))
+  assert text.shape == (2, model.config.projection_dim)
+  assert json.load(open(os.path.join(path, cp.STATS_FILE))) == json.loads(json.dumps(stats))
+  assert stats['settings']['steps'] == TINY['steps'] and len(stats['classes']) == 32
+  for kind in cp.EVAL_KINDS:
+    acc = stats['zero_shot_accuracy'][kind]
+    assert acc['n'] == 32 and all(0.0 <= acc[s] <= 1.0 for s in ('all', 'seen', 'unseen'))
+  # Nothing is left beside the model directory.
+  assert os.listdir(os.path.dirname(path)) == ['clip']
+
+
+def test_pretraining_is_deterministic(tiny_run, tmp_path):
+  path, stats = tiny_run
+  again = cp.pretrain_mini_clip(str(tmp_path / 'clip'), **TINY)
+  assert again['zero_shot_accuracy'] == stats['zero_shot_accuracy']
+  assert again['history'] == stats['history']
+  a = flatten_dict(clip.load_clip(path)[0].params)
+  b = flatten_dict(clip.load_clip(str(tmp_path / 'clip'))[0].params)
+  for k in a:
+    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=str(k))
+
+
+def test_clip_dir_pretrains_once_then_reuses(smoke_clip, monkeypatch):
+  config, workdir, stats = smoke_clip
+  path = os.path.join(workdir, 'clip')
+  assert stats['settings']['steps'] == config.clip.pretrain_steps
+  assert stats['settings']['image_size'] == config.clip.pretrain_image_size
+  clip.load_clip(path)
+  mtime = os.stat(os.path.join(path, clip.FLAX_WEIGHTS_NAME)).st_mtime_ns
+
+  def fail(*args, **kwargs):
+    raise AssertionError('pretrained again')
+
+  monkeypatch.setattr(cp, 'pretrain_mini_clip', fail)
+  assert resources.clip_dir(config, workdir) == path
+  assert os.stat(os.path.join(path, clip.FLAX_WEIGHTS_NAME)).st_mtime_ns == mtime
+  # Other settings for the same directory are refused, not silently reused.
+  other = shapesworld_config.get_config('smoke')
+  with other.unlocked():
+    other.clip.pretrain_steps = config.clip.pretrain_steps + 1
+  with pytest.raises(ValueError, match='other settings'):
+    resources.clip_dir(other, workdir)
