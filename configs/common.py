@@ -54,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.shuffle_seed = 0
   c.input.prefetch = 2
 
+  # ---------------------------------------------------------------- device mesh
+  # Mesh ('data', 'fsdp') over every device of every process (zegformer_jax/sharding.py):
+  # the batch is split over both axes; fsdp > 1 also splits parameters and optimiser state
+  # over groups of `fsdp` devices (largest dimension divisible by fsdp, else replicated).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
   c.model.pixel_mean = PIXEL_MEAN
@@ -87,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.test_prompts = 'imagenet_select'   # prompt set for the segment branch at evaluation
   c.clip.image_prompts = 'select_clip'      # 32 templates: the image branch always uses these
   c.clip.text_batch_size = 256
+  # Pretraining of ShapesWorld's miniature CLIP (zegformer_jax/clip_pretrain.py), used when
+  # model_path is empty; the result is reused from <workdir>/clip.
+  c.clip.pretrain_steps = 3000
+  c.clip.pretrain_batch = 64
+  c.clip.pretrain_lr = 3e-3
+  c.clip.pretrain_image_size = 32           # CLIP input side (vision_config.image_size)
+  c.clip.pretrain_pool_per_class = 384      # pre-rendered training examples per class
+  c.clip.pretrain_eval_per_class = 32       # held-out examples per class and kind (stats)
 
   # ---------------------------------------------------------------- loss / matching
   c.loss = ml_collections.ConfigDict()
@@ -122,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.eval_every = 5000                 # 0: no periodic evaluation
   c.train.init_from = ''                    # params checkpoint/dir to start from (weights import)
+  # Testing hook: > 0 puts a NaN into the final decoder layer's mask logits at that (1-based)
+  # step, so the numerics guard can be exercised. Never set it in a real run.
+  c.train.debug_nan_step = 0
 
   # ---------------------------------------------------------------- evaluation
   c.eval = ml_collections.ConfigDict()
