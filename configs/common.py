@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder.dropout = 0.1
   c.model.decoder.num_queries = 100
   c.model.decoder.pre_norm = False
+  c.model.decoder.in_feature = 'res5'       # TRANSFORMER_IN_FEATURE: backbone level read by the decoder
   c.model.mask_embed_layers = 3
   c.model.embed_dim = 512                   # CLIP text embedding width (semantic embedding)
   c.model.temperature = 0.01                # Eq. 1 tau; logit scale 1/tau = 100, fixed

@@ -62,7 +62,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   c.train.eval_every = 0
 
-  c.eval.variant = 'seg'
+  c.eval.variant = 'full'          # the fused ZegFormer (Eq. 3); seg and img via --variants
   c.eval.gamma = 0.0
 
   if arg == 'smoke':

@@ -374,3 +374,22 @@ def test_dropout_active_only_in_training(small):
   np.testing.assert_array_equal(a['pred_logits'], a2['pred_logits'])  # rng-determined
   assert np.abs(np.asarray(a['pred_logits'] - b['pred_logits'])).max() > 1e-3
   assert np.abs(np.asarray(a['pred_masks'] - eval_out['pred_masks'])).max() > 1e-3
+
+
+@pytest.mark.parametrize('level,channels,tokens', [('res5', 128, 2 * 2), ('res4', 64, 4 * 4),
+                                                   ('res3', 32, 8 * 8)])
+def test_decoder_in_feature(level, channels, tokens):
+  """TRANSFORMER_IN_FEATURE: input_proj reads the chosen level; memory has its h*w tokens."""
+  cfg = _small_model_config(in_feature=level)
+  model = zegformer.build_model(cfg)
+  shapes = jax.eval_shape(lambda: zegformer.init_variables(
+      model, jax.random.key(0), image_hw=IMAGE_HW, num_classes=3))
+  assert shapes['params']['input_proj']['kernel'].shape == (1, 1, channels,
+                                                           cfg.decoder.hidden_dim)
+  out = jax.eval_shape(lambda: model.apply(
+      zegformer.init_variables(model, jax.random.key(0), image_hw=IMAGE_HW, num_classes=3),
+      jnp.zeros((1, *IMAGE_HW, 3)), _text(jax.random.key(1), 3, cfg.embed_dim), train=False,
+      capture_intermediates=lambda mdl, _: mdl.name == 'input_proj',
+      mutable=['intermediates']))
+  proj = out[1]['intermediates']['input_proj']['__call__'][0]
+  assert proj.shape[1] * proj.shape[2] == tokens

@@ -1,9 +1,16 @@
 r"""`make demo`: ShapesWorld end to end on CPU.
 
-Generates the world, trains ZegFormer on its seen classes, evaluates on all classes, and
-prints where the metrics are. Equivalent to
+  generate the world -> pretrain the miniature CLIP on all classes -> train ZegFormer on the
+  seen classes -> evaluate ZegFormer-seg, ZegFormer-img and the fused ZegFormer on all
+  classes (metrics_{seg,img,full}.json) -> prediction overlays of a few validation images.
 
-  python -m zegformer_jax.main --config configs/shapesworld.py --workdir runs/shapesworld
+The first three steps are what
+
+  python -m zegformer_jax.main --config configs/shapesworld.py --workdir runs/shapesworld \
+      --variants seg,img,full
+
+does; `--config_arg` / `--set key=value` choose another seed or split
+(e.g. --set dataset.world_split=alt --set seed=1).
 """
 import os
 import time
@@ -13,7 +20,9 @@ from absl import flags
 
 flags.DEFINE_string('workdir', 'runs/shapesworld', 'Where the demo writes everything.')
 flags.DEFINE_string('config_arg', '', 'Argument of configs/shapesworld.py (e.g. smoke).')
-flags.DEFINE_list('variants', ['seg'], 'Evaluation variants.')
+flags.DEFINE_list('variants', ['seg', 'img', 'full'], 'Evaluation variants.')
+flags.DEFINE_multi_string('set', [], 'Config override key=value (e.g. dataset.world_split=alt).')
+flags.DEFINE_integer('num_overlays', 4, 'Validation images to write prediction overlays for.')
 FLAGS = flags.FLAGS
 
 
@@ -24,14 +33,59 @@ def main(argv):
   from zegformer_jax import train
   t0 = time.time()
   config = shapesworld.get_config(FLAGS.config_arg or None)
+  for item in FLAGS.set:
+    key, value = item.split('=', 1)
+    _override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train(config, FLAGS.workdir)
   results = {v: evaluate.evaluate(config, FLAGS.workdir, variant=v) for v in FLAGS.variants}
+  overlays = write_overlays(config, FLAGS.workdir, FLAGS.num_overlays)
   print(f'\nShapesWorld demo finished in {time.time() - t0:.0f} s '
         f'({summary["final_step"]} steps, final loss {summary["final_loss"]:.4f})')
   for v, r in results.items():
     print(f'  {v:4s}  seen mIoU {r["mIoU_seen"]:.2f}  unseen mIoU {r["mIoU_unseen"]:.2f}  '
           f'hIoU {r["hIoU"]:.2f}  -> {os.path.join(FLAGS.workdir, f"metrics_{v}.json")}')
+  if overlays:
+    print(f'  overlays: {os.path.dirname(overlays[0])}/*_overlay.png')
+
+
+def _override(config, key, value):
+  """--set a.b=value with the type of the existing field (unknown keys are errors)."""
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  node[leaf] = type(old)(value) if not isinstance(old, (tuple, list)) else type(old)(
+      type(old[0])(v) for v in value.split(','))
+
+
+def write_overlays(config, workdir, n):
+  """Prediction overlays (all classes, config.eval.variant) of the first n val images."""
+  if n <= 0:
+    return []
+  from PIL import Image
+  from zegformer_jax import data_source
+  from zegformer_jax import input_pipeline
+  from zegformer_jax import predict
+  from zegformer_jax import resources
+  data_dir = resources.data_dir(config, workdir)
+  source, _ = data_source.open_split(data_dir, config.dataset.eval_split)
+  names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.eval_split)
+  inputs = os.path.join(workdir, 'predict_inputs')
+  os.makedirs(inputs, exist_ok=True)
+  paths = []
+  for i in range(min(n, len(source))):
+    path = os.path.join(inputs, f'val_{i:03d}.png')
+    Image.fromarray(source[i]['image']).save(path)
+    paths.append(path)
+  class_file = os.path.join(workdir, 'predict_inputs', 'classes.txt')
+  with open(class_file, 'w') as f:
+    f.write('\n'.join(names) + '\n')
+  out = os.path.join(workdir, 'predict')
+  predict.run(config, workdir, images=','.join(paths), class_file=class_file, output_dir=out)
+  return [os.path.join(out, os.path.splitext(os.path.basename(p))[0] + '_overlay.png')
+          for p in paths]
 
 
 if __name__ == '__main__':

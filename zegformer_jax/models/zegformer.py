@@ -123,11 +123,13 @@ class ZegFormer(nn.Module):
         conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
         gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
 
-    # The decoder reads res5 directly (TRANSFORMER_IN_FEATURE res5), not the FPN output.
-    res5 = features['res5']
-    b, h, w, _ = res5.shape
+    # The decoder reads a backbone level directly (TRANSFORMER_IN_FEATURE, res5 in every
+    # official config), not the FPN output. Small inputs (ShapesWorld's 64 px) may choose a
+    # finer level so the memory has more than 2x2 tokens.
+    in_feature = features[dec.get('in_feature', 'res5')]
+    b, h, w, _ = in_feature.shape
     memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
-                    name='input_proj')(res5).reshape(b, h * w, hidden)
+                    name='input_proj')(in_feature).reshape(b, h * w, hidden)
     pos = position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden).astype(dtype)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
                              (dec.num_queries, hidden), jnp.float32)
