@@ -47,6 +47,8 @@ def get_config(arg=None):
   c.model.decoder.num_layers = 3
   c.model.decoder.dropout = 0.0
   c.model.decoder.num_queries = 16
+  # At 64 px res5 is a 2x2 grid; the decoder reads res4 (4x4 tokens) instead.
+  c.model.decoder.in_feature = 'res4'
   c.model.embed_dim = 64
 
   c.clip.model_path = ''           # '' -> <workdir>/clip (pretrained on first use)
@@ -56,8 +58,11 @@ def get_config(arg=None):
 
   c.optim.lr = 1e-3
   c.optim.clip_norm = 1.0          # the reference's 0.01 is tuned for batch 32 at full size
+  # The backbone starts from scratch here (no ImageNet weights), so it trains at the full
+  # learning rate; the reference's 0.1 protects pretrained features.
+  c.optim.backbone_multiplier = 1.0
 
-  c.train.total_steps = 1500
+  c.train.total_steps = 2500
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.eval_every = 0
