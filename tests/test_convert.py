@@ -220,6 +220,7 @@ def tiny_model_config():
   c.decoder.num_layers = 2
   c.decoder.dropout = 0.0
   c.decoder.num_queries = 6
+  c.decoder.in_feature = 'res5'   # every official checkpoint's decoder reads res5
   c.embed_dim = 16
   return c
 
