@@ -147,7 +147,7 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
   if variant not in VARIANTS:
     raise ValueError(f'config.eval.variant must be one of {VARIANTS}, got {variant!r}')
   split = split or config.dataset.eval_split
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_from_config(config)
   data_dir = resources.data_dir(config, workdir)
   class_names, seen_mask = input_pipeline.dataset_classes(data_dir, split)
   num_classes = len(class_names)
@@ -164,17 +164,16 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
   t0 = time.time()
   acc = None
   step_fn = None
-  repl = sharding.replicated(mesh)
-  text = jax.device_put(text, repl)
-  seen_dev = jax.device_put(np.asarray(seen_mask, bool), repl)
+  text = sharding.replicate(text, mesh)
+  seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
   for batch in input_pipeline.make_eval_batches(config, data_dir, split):
     dev_batch = sharding.shard_batch(batch, mesh)
     if step_fn is None:
       step_fn = make_eval_step(config, model, variant, num_classes,
                                tuple(batch['label'].shape[1:3]), clip_model)
-      acc = jax.device_put(
-          (jnp.zeros((num_classes + 1, num_classes + 1), jnp.int32), jnp.zeros((), jnp.int32)),
-          repl)
+      acc = sharding.replicate(
+          (np.zeros((num_classes + 1, num_classes + 1), np.int32), np.zeros((), np.int32)),
+          mesh)
     acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
                   clip_params, clip_text)
     if config.eval.max_images and int(acc[1]) >= config.eval.max_images:

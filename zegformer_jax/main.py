@@ -9,6 +9,15 @@ Modes:
 
 Config overrides follow big_vision: --config.optim.lr=3e-4 --config.eval.variant=full.
 A key that does not exist is an error naming the key.
+
+Errors the user can fix (a missing file or directory, corrupt data, a checkpoint from
+another config, an invalid value, a non-finite loss) are printed as one line
+`error: <message>` on stderr with exit status 1; --debug (or ZEGFORMER_DEBUG=1) shows the
+traceback instead. A SIGTERM during training saves a checkpoint and exits with status 0.
+
+Multi-process jobs (launch/*.sh) run this same command in every process;
+distributed.maybe_initialize() joins them, and only process 0 logs at INFO level and
+writes config.json, metrics and summaries.
 """
 import logging as std_logging
 import os
@@ -31,10 +40,35 @@ flags.DEFINE_string('images', None, 'predict: comma-separated image files or a f
 flags.DEFINE_string('classes', None, 'predict: comma-separated class names.')
 flags.DEFINE_string('class_file', None, 'predict: text file with one class name per line.')
 flags.DEFINE_string('output_dir', None, 'predict: where to write outputs (default workdir/predict).')
+flags.DEFINE_bool('debug', False, 'Show the traceback of errors (also ZEGFORMER_DEBUG=1).')
 FLAGS = flags.FLAGS
+
+# Errors with a message meant for the user: FileNotFoundError (missing data, CLIP, checkpoint,
+# images), ValueError and its subclasses (tfrecord.TFRecordError, corrupt images, label
+# values, checkpoints.CheckpointMismatchError, invalid config values), FloatingPointError
+# (train.NonFiniteError). Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError)
 
 
 def main(argv):
+  try:
+    _main(argv)
+  except EXPECTED_ERRORS as e:
+    if FLAGS.debug or os.environ.get('ZEGFORMER_DEBUG', '') not in ('', '0'):
+      raise
+    sys.exit(error_line(e))
+
+
+def error_line(e: BaseException) -> str:
+  """`error: <message>` on one line (plus the process, on multi-process jobs)."""
+  message = ' '.join(str(e).split()) or type(e).__name__
+  import jax
+  if jax.process_count() > 1:
+    message += f' (process {jax.process_index()} of {jax.process_count()})'
+  return f'error: {message}'
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config = FLAGS.config
@@ -44,6 +78,8 @@ def main(argv):
   import jax
   from zegformer_jax import distributed
   distributed.maybe_initialize()
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # one log per job: process 0's
 
   if FLAGS.mode == 'summary':
     from zegformer_jax import summary
@@ -64,7 +100,8 @@ def main(argv):
 
   if FLAGS.mode in ('train', 'train_and_eval'):
     from zegformer_jax import train
-    train.train(config, workdir)
+    if train.train(config, workdir)['preempted']:
+      return  # checkpoint saved; exit 0 so the scheduler can requeue the same command
   if FLAGS.mode in ('eval', 'train_and_eval'):
     from zegformer_jax import evaluate
     for variant in FLAGS.variants or [config.eval.variant]:

@@ -24,8 +24,8 @@ matched predicted masks.
 
 `match` runs the cost computation on device and a single `jax.pure_callback` per
 device per step (all decoder layers and all local images at once) inside a
-`jax.shard_map` over the mesh axis 'data', so each device / host only solves the
-assignments for its own shard of the batch.
+`jax.shard_map` over the batch axes of the mesh ('data', and 'fsdp' when present), so
+each device / host only solves the assignments for its own shard of the batch.
 """
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-# Mesh axis over which the batch is sharded.
+# Mesh axes over which the batch is sharded (those of them the mesh has).
 DATA_AXIS = 'data'
+BATCH_AXES = (DATA_AXIS, 'fsdp')
 
 # Replacement for non-finite costs on the host. scipy refuses matrices with NaN
 # (and rows/columns of +inf can make the problem infeasible); diverged logits
@@ -241,12 +242,13 @@ def match(outputs: Mapping[str, jnp.ndarray], targets: Mapping[str, jnp.ndarray]
     targets: {'target_classes': [B, M] int, 'target_masks': [B, M, H, W] uint8,
       'target_valid': [B, M] bool}.
     loss_cfg: the `loss` sub-config (cost_* and focal_* fields).
-    mesh: Mesh with an axis named 'data' over which B is sharded (B must be
-      divisible by its size); the other inputs' axes are replicated. None: no
-      shard_map, a single callback for the whole batch (single device only).
+    mesh: Mesh with an axis named 'data' (and optionally 'fsdp') over which B
+      is sharded jointly (B must be divisible by their product); the other
+      inputs' axes are replicated. None: no shard_map, a single callback for
+      the whole batch (single device only).
   Returns:
     query_to_target int32 [L, B, Q] (-1: unmatched), under stop_gradient and
-    sharded like P(None, 'data').
+    sharded like P(None, ('data', 'fsdp')).
   """
   # The matcher is a no-grad computation in the reference, and pure_callback has
   # no differentiation rule: cut the graph before the costs.
@@ -256,8 +258,10 @@ def match(outputs: Mapping[str, jnp.ndarray], targets: Mapping[str, jnp.ndarray]
           targets['target_valid'])
   fn = lambda *a: _local_match(*a, loss_cfg=loss_cfg)
   if mesh is not None:
-    layer_spec = jax.sharding.PartitionSpec(None, DATA_AXIS)
-    batch_spec = jax.sharding.PartitionSpec(DATA_AXIS)
+    # The batch is split over 'data' and, on an FSDP mesh (sharding.py), 'fsdp' too.
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    layer_spec = jax.sharding.PartitionSpec(None, axes)
+    batch_spec = jax.sharding.PartitionSpec(axes)
     fn = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(layer_spec, layer_spec, batch_spec, batch_spec, batch_spec),

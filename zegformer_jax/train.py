@@ -1,18 +1,30 @@
 """The training loop, top to bottom.
 
-  config -> mesh -> data (grain) -> seen-class text embeddings (CLIP, cached)
+  config -> mesh (data x fsdp, every device of every process) -> data (grain, this
+  process's share of each global batch) -> seen-class text embeddings (CLIP, cached)
   -> model + optimiser -> restore latest checkpoint (state and data iterator) if any
   -> loop: jitted train step (forward, Hungarian matching on the host, losses, AdamW)
-  -> logs (JSONL, TensorBoard, console) and checkpoints -> train_summary.json
+  -> numerics guard, logs (JSONL, TensorBoard, console; process 0) and checkpoints
+  -> train_summary.json (process 0)
 
 The train step is compiled once: the batch has a static shape (targets padded to
 `input.max_masks`), the state is donated, and in/out shardings are explicit (state
-replicated, batch split over the `data` axis of the mesh).
+replicated, or split over `fsdp` with config.mesh.fsdp > 1; batch split over data x fsdp).
+
+Stopping early:
+  * SIGTERM (or, on multi-process jobs, JAX's preemption sync point) finishes the current
+    step, saves a checkpoint and returns with summary['preempted'] = True; the CLI exits 0.
+  * A non-finite loss or gradient is never applied (the step keeps the old state) and raises
+    NonFiniteError naming the step and the terms; nothing is saved after it, so the latest
+    checkpoint is the last good state.
+The host reads each step's metrics one step late, so it can queue step n+1 while step n
+runs; before any checkpoint the current step's metrics are checked first.
 """
 import functools
 import json
 import logging
 import os
+import signal
 import time
 
 import jax
@@ -40,48 +52,65 @@ def class_text_embeddings(config, workdir: str, class_names, prompt_set: str) ->
       clip.prompt_templates(prompt_set), batch_size=config.clip.text_batch_size)
 
 
-def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng):
-  """Initialises {'step', 'params', 'frozen', 'opt_state'} directly with replicated sharding."""
+def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng, *,
+                       abstract_only: bool = False):
+  """{'step', 'params', 'frozen', 'opt_state'} created directly with its sharding.
+
+  Returns (state, state_sharding). With abstract_only, `state` holds ShapeDtypeStructs
+  carrying the shardings (the target of a checkpoint restore) and nothing is computed.
+  """
   size = config.input.crop_size
 
-  def init():
+  def init(key):
     variables = zegformer.init_variables(
-        model, rng, image_hw=(size, size), num_classes=num_classes)
+        model, key, image_hw=(size, size), num_classes=num_classes)
     params = variables['params']
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'frozen': variables.get('frozen', {}),
             'opt_state': optimizer_fn(params).init(params)}
 
-  abstract = jax.eval_shape(init)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  state = jax.jit(init, out_shardings=state_sharding)()
-  return state, state_sharding
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = sharding.state_sharding(abstract, mesh)
+  if abstract_only:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_sharding), state_sharding
+  # Runs once: on CPU compile without backend optimisation (see zegformer.init_variables).
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
+  init = jax.jit(init, out_shardings=state_sharding).lower(rng).compile(options)
+  return init(rng), state_sharding
 
 
 def make_train_step(config, model, optimizer, mesh, state_sharding):
-  """Returns train_step(state, batch, text_embeddings, rng) -> (state, metrics), jitted."""
+  """Returns train_step(state, batch, text_embeddings, rng_data) -> (state, metrics), jitted.
+
+  rng_data is the dropout key as raw bits (jax.random.key_data), replicated.
+  """
   mean, std = config.model.pixel_mean, config.model.pixel_std
   schedule = optim.poly_schedule(config.optim.lr, config.train.total_steps,
                                  config.optim.poly_power)
+  nan_step = int(config.train.get('debug_nan_step', 0))
 
-  def loss_fn(params, frozen, batch, text_embeddings, rng):
+  def loss_fn(params, frozen, batch, text_embeddings, rng, step):
     images = preprocess.normalize(batch['image'], mean, std)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=True, rngs={'dropout': rng})
+    if nan_step > 0:  # testing hook (config.train.debug_nan_step): a diverged mask head
+      poison = jnp.where(step + 1 == nan_step, jnp.nan, 0.0).astype(outputs['pred_masks'].dtype)
+      outputs = dict(outputs, pred_masks=outputs['pred_masks'].at[-1].add(poison))
     targets = dict(batch, target_masks=losses.masks_from_label(
         batch['label'], batch['target_classes'], batch['target_valid']))
     return losses.compute_loss(outputs, targets, config.loss, mesh)
 
-  def train_step(state, batch, text_embeddings, rng):
+  def train_step(state, batch, text_embeddings, rng_data):
     # The dropout key depends only on the step, so a resumed run draws the same masks.
-    step_rng = jax.random.fold_in(rng, state['step'])
+    step_rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), state['step'])
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['frozen'], batch, text_embeddings, step_rng)
+        state['params'], state['frozen'], batch, text_embeddings, step_rng, state['step'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     metrics = dict(terms)
     metrics['loss'] = loss
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['lr'] = schedule(state['step'])
     # Numerics guard: a step whose loss or gradient is not finite leaves params and
     # optimiser state untouched; the host sees `nonfinite` and stops before saving.
@@ -93,10 +122,9 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  batch_sharding = sharding.data_sharding(mesh)
   return jax.jit(
       train_step,
-      in_shardings=(state_sharding, batch_sharding, sharding.replicated(mesh),
+      in_shardings=(state_sharding, sharding.data_sharding(mesh), sharding.replicated(mesh),
                     sharding.replicated(mesh)),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
@@ -107,7 +135,16 @@ TRAIN_KEYS = ('image', 'label', 'target_classes', 'target_valid')
 
 def train(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the summary."""
-  mesh = sharding.make_mesh()
+  # First, so a SIGTERM during start-up or compilation is honoured after the first step.
+  preemption = PreemptionWatch()
+  try:
+    return _train(config, workdir, preemption)
+  finally:
+    preemption.close()
+
+
+def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
+  mesh = sharding.mesh_from_config(config)
   sharding.local_batch_size(config.input.global_batch_size, mesh)  # validates divisibility
   data_dir = resources.data_dir(config, workdir)
   class_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
@@ -123,87 +160,130 @@ def train(config, workdir: str) -> dict:
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
   optimizer_fn = functools.partial(optim.make_optimizer, config.optim, total_steps)
-  state, state_sharding = create_train_state(
-      config, model, optimizer_fn, len(class_names), mesh, init_rng)
-  optimizer = optimizer_fn(state['params'])
-
   data_iter = input_pipeline.make_train_iterator(config, data_dir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
   start = ckpt.latest_step()
+  state, state_sharding = create_train_state(
+      config, model, optimizer_fn, len(class_names), mesh, init_rng,
+      abstract_only=start is not None)
   if start is not None:
     logging.info('resuming from %s/%d', ckpt.directory, start)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
-    state = ckpt.restore(start, abstract, data_iter)
+    state = ckpt.restore(start, state, data_iter)
   elif config.train.init_from:
     state = _init_from(config.train.init_from, state)
 
+  optimizer = optimizer_fn(state['params'])
   train_step = make_train_step(config, model, optimizer, mesh, state_sharding)
-  text_embeddings = jax.device_put(text_embeddings, sharding.replicated(mesh))
-  dropout_rng = jax.device_put(dropout_rng, sharding.replicated(mesh))
+  text_embeddings = sharding.replicate(text_embeddings, mesh)
+  dropout_rng = sharding.replicate(jax.random.key_data(dropout_rng), mesh)  # raw uint32 bits
   writer = metric_writers.MetricWriter(workdir, total_steps)
 
   step = int(state['step'])
   last = {}
+  pending = None  # (step, metrics on device) whose host side has not run yet
+  preempted = False
   t_start = time.time()
-  preemption = PreemptionWatch()
-  while step < total_steps:
-    batch = sharding.shard_batch({k: v for k, v in next(data_iter).items() if k in TRAIN_KEYS},
-                                 mesh)
-    state, metrics = train_step(state, batch, text_embeddings, dropout_rng)
-    step += 1
-    # The guard needs this step's scalars on the host: one small transfer per step, which
-    # also bounds how far the host runs ahead of the device.
+
+  def finish(step, metrics):
+    """Host side of a step: the numerics guard, then logging."""
+    nonlocal last
     metrics = jax.device_get(metrics)
-    check_finite(step, metrics)
+    if metrics['nonfinite']:
+      check_finite(step, metrics, ckpt.latest_step())  # raises NonFiniteError
     if step % config.train.log_every == 0 or step == total_steps or step == 1:
       last = writer.write(step, {k: float(v) for k, v in metrics.items() if k != 'nonfinite'})
       if step == 1:
         writer.reset_timer()  # the first step includes compilation
-    stop = preemption.should_stop(step)
-    if ckpt.save(step, state, data_iter, force=step == total_steps or stop):
-      writer.reset_timer()
-    if stop:
-      logging.warning('preempted: saved step %d in %s; rerun to resume', step, ckpt.directory)
-      print(f'preempted at step {step}: checkpoint saved, rerun the same command to resume',
-            flush=True)
-      break
-    if (config.train.eval_every and step % config.train.eval_every == 0
-        and step < total_steps):
-      from zegformer_jax import evaluate
-      evaluate.evaluate(config, workdir, state=state, split=config.dataset.periodic_eval_split,
-                        variant='seg', tag=f'step{step}')
-      writer.reset_timer()
-  ckpt.close()
-  writer.close()
+
+  try:
+    while step < total_steps:
+      batch = sharding.shard_batch(
+          {k: v for k, v in next(data_iter).items() if k in TRAIN_KEYS}, mesh)
+      state, metrics = train_step(state, batch, text_embeddings, dropout_rng)
+      step += 1
+      # Step n-1's metrics are read while step n runs: no stall of the dispatch queue, and
+      # the host still never runs more than one step ahead of the device.
+      if pending:
+        finish(*pending)
+      pending = (step, metrics)
+
+      preempted = preemption.should_stop(step)
+      eval_now = (config.train.eval_every and step % config.train.eval_every == 0
+                  and step < total_steps)
+      if ckpt.due(step) or step == total_steps or preempted or eval_now:
+        finish(*pending)  # a state is saved or evaluated only after its step passed the guard
+        pending = None
+        if ckpt.due(step) or step == total_steps or preempted:
+          ckpt.save(step, state, data_iter, force=True)
+          writer.reset_timer()
+      if preempted:
+        logging.warning('preempted: saved step %d in %s; rerun to resume', step, ckpt.directory)
+        if jax.process_index() == 0:
+          print(f'preempted at step {step}: checkpoint saved in {ckpt.directory}; rerun the '
+                'same command to resume', flush=True)
+        break
+      if eval_now:
+        from zegformer_jax import evaluate
+        evaluate.evaluate(config, workdir, state=state,
+                          split=config.dataset.periodic_eval_split, variant='seg',
+                          tag=f'step{step}')
+        writer.reset_timer()
+    if pending:
+      finish(*pending)
+  finally:
+    _wind_down(state, ckpt, writer)
 
   summary = {
       'experiment': config.experiment,
       'final_step': step,
+      'preempted': preempted,
       'final_loss': last.get('loss'),
       'final_loss_terms': {k: v for k, v in last.items() if k.startswith('loss')},
       'train_wall_s': time.time() - t_start,
-      'params_fingerprint': checkpoints.params_fingerprint(jax.device_get(state['params'])),
+      'num_processes': jax.process_count(),
+      'num_devices': jax.device_count(),
+      'mesh': dict(mesh.shape),
+      'params_fingerprint': checkpoints.params_fingerprint(
+          sharding.to_host(state['params'], mesh)),
   }
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'train_summary.json'), summary)
   return summary
 
 
+def _wind_down(state, ckpt, writer):
+  """End of training, normal or not: wait for the device, close checkpointer and logs.
+
+  After an error the step dispatched last may still be running, and its matching callback
+  calls into Python: letting the interpreter shut down under it aborts the process.
+  """
+  try:
+    jax.block_until_ready(state)
+  except Exception:  # pylint: disable=broad-except  (e.g. buffers donated to a failed call)
+    pass
+  ckpt.close()
+  writer.close()
+
+
 class NonFiniteError(FloatingPointError):
   """A loss term or the gradient was NaN/inf; the update was not applied."""
 
 
-def check_finite(step: int, metrics: dict):
+def check_finite(step: int, metrics: dict, last_good_step=None):
   """Stops training on a non-finite loss or gradient, naming the step and the terms."""
   if not float(metrics.get('nonfinite', 0.0)):
     return
-  bad = [k for k, v in metrics.items() if k != 'nonfinite' and not np.isfinite(v)]
-  raise NonFiniteError(
-      f'non-finite value at step {step}: '
-      f'{", ".join(f"{k}={float(metrics[k])}" for k in bad) or "gradient"}; the update was '
-      'not applied and the latest checkpoint is the last good state')
+  bad = sorted(k for k, v in metrics.items() if k != 'nonfinite' and not np.isfinite(v))
+  terms = [k for k in bad if k.startswith('loss_')]  # the culprits; total and grad follow
+  rest = [k for k in bad if k not in terms]
+  fmt = lambda keys: ', '.join(f'{k}={float(metrics[k])}' for k in keys)
+  what = (f'non-finite loss term {fmt(terms)}' + (f' ({fmt(rest)})' if rest else '')
+          if terms else f'non-finite {fmt(rest) or "gradient"}')
+  where = (f'checkpoint step {last_good_step} is the last good state' if last_good_step
+           is not None else 'no checkpoint was written')
+  raise NonFiniteError(f'{what} at step {step}; the update was not applied and training '
+                       f'stopped ({where})')
 
 
 class PreemptionWatch:
@@ -217,15 +297,17 @@ class PreemptionWatch:
   def __init__(self):
     self.multihost = jax.process_count() > 1
     self.signalled = False
+    self._previous = None
     if not self.multihost:
-      import signal
       try:
-        signal.signal(signal.SIGTERM, self._handler)
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
       except ValueError:  # not the main thread (e.g. inside a test runner thread)
         pass
 
   def _handler(self, signum, frame):
     del signum, frame
+    if not self.signalled:
+      logging.warning('SIGTERM: stopping after this step with a checkpoint')
     self.signalled = True
 
   def should_stop(self, step: int) -> bool:
@@ -233,6 +315,12 @@ class PreemptionWatch:
       from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step))
     return self.signalled
+
+  def close(self):
+    """Puts back the previous SIGTERM handler (train() may run inside a longer process)."""
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def _init_from(path: str, state):
@@ -251,22 +339,23 @@ def _write_json(path: str, obj):
 
 def load_latest_state(config, workdir: str, num_classes: int):
   """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict."""
-  mesh = sharding.make_mesh()
+  mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
   optimizer_fn = functools.partial(optim.make_optimizer, config.optim, config.train.total_steps)
-  state, state_sharding = create_train_state(
-      config, model, optimizer_fn, num_classes, mesh, jax.random.key(config.seed))
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
   step = ckpt.latest_step()
   if step is None:
+    ckpt.close()
     if config.train.init_from:
+      state, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
+                                    jax.random.key(config.seed))
       return model, _init_from(config.train.init_from, state)
     raise FileNotFoundError(
         f'no checkpoint in {ckpt.directory}: train first (--mode train) or set '
         '--config.train.init_from')
-  abstract = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+  abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
+                                   jax.random.key(config.seed), abstract_only=True)
   state = ckpt.restore(step, abstract)
   ckpt.close()
   return model, state

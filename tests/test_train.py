@@ -1,0 +1,144 @@
+"""The train loop: numerics guard, bfloat16 compute, FSDP shardings, preemption handler.
+
+The end-to-end checks run `python -m zegformer_jax.main` on the ShapesWorld smoke config in
+a subprocess (tests/train_cli.py); the rest are unit tests without compilation of the model.
+"""
+import functools
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import train_cli
+from configs import shapesworld
+from zegformer_jax import checkpoints
+from zegformer_jax import optim
+from zegformer_jax import sharding
+from zegformer_jax import train
+from zegformer_jax.models import zegformer
+
+# The same overrides as tests/test_resume.py: its uninterrupted float32 run is shared.
+STEPS = 5
+OVERRIDES = (f'--config.train.total_steps={STEPS}', '--config.train.log_every=1',
+             '--config.train.checkpoint_every=1')
+BF16_FIRST_STEP_RTOL = 0.02
+
+
+def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(
+    tmp_path, tmp_path_factory):
+  resources = train_cli.shared_resources(tmp_path_factory)
+  workdir = str(tmp_path / 'run')
+  # Checkpoints at 2 and 4; NaN at step 3. The host reads step 3's metrics one step late
+  # (while step 4 runs) and must still refuse to save step 4.
+  result = train_cli.run(
+      train_cli.main_args(workdir, resources, '--config.train.total_steps=4',
+                          '--config.train.log_every=1', '--config.train.checkpoint_every=2',
+                          '--config.train.debug_nan_step=3'),
+      train_cli.compile_cache(tmp_path_factory))
+  assert result.returncode == 1, train_cli.tail(result.stdout + result.stderr)
+  last = result.stderr.strip().splitlines()[-1]
+  print(last)
+  assert last.startswith('error: non-finite loss term loss_dice=nan, loss_mask=nan '
+                         '(grad_norm=nan, loss=nan) at step 3;'), last
+  assert 'checkpoint step 2 is the last good state' in last
+  assert 'Traceback' not in result.stderr
+  assert train_cli.checkpoint_steps(workdir) == [2]
+  assert not os.path.exists(os.path.join(workdir, 'train_summary.json'))
+
+
+def test_bfloat16_trains_close_to_float32(tmp_path, tmp_path_factory):
+  f32 = train_cli.losses(
+      train_cli.cached_run(tmp_path_factory, 'resume_reference', OVERRIDES))
+  resources = train_cli.shared_resources(tmp_path_factory)
+  workdir = str(tmp_path / 'bf16')
+  result = train_cli.run(
+      train_cli.main_args(workdir, resources, *OVERRIDES, '--config.model.dtype=bfloat16'),
+      train_cli.compile_cache(tmp_path_factory))
+  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  bf16 = train_cli.losses(workdir)
+  rel = {s: abs(bf16[s] - f32[s]) / f32[s] for s in f32}
+  print('bfloat16 vs float32 losses:', {s: (bf16[s], f32[s]) for s in f32}, 'rel:', rel)
+  assert all(np.isfinite(v) for v in bf16.values())
+  assert rel[1] <= BF16_FIRST_STEP_RTOL
+  assert bf16[STEPS] < bf16[1]  # it trains
+  # Parameters and optimiser state stay float32.
+  ckpt = checkpoints.Checkpointer(workdir, 3, 1)
+  meta = ckpt.manager.item_metadata(STEPS)['state']
+  ckpt.close()
+  leaves = jax.tree.leaves(checkpoints._to_dict(getattr(meta, 'tree', meta)))
+  dtypes = {str(v.dtype) for v in leaves if len(getattr(v, 'shape', ())) > 0}
+  assert dtypes == {'float32'}, dtypes
+
+
+# ----------------------------------------------------------------------------- unit tests
+
+
+def test_check_finite_names_step_and_terms():
+  train.check_finite(7, {'loss': 1.0, 'grad_norm': 2.0, 'nonfinite': 0.0})
+  with pytest.raises(train.NonFiniteError, match=r'non-finite loss term loss_ce_1=inf '
+                     r'\(loss=inf\) at step 7;.*checkpoint step 5 is the last good'):
+    train.check_finite(7, {'loss': np.inf, 'loss_ce_1': np.inf, 'loss_mask': 0.1,
+                           'grad_norm': 1.0, 'nonfinite': 1.0}, 5)
+  with pytest.raises(train.NonFiniteError, match=r'non-finite grad_norm=nan at step 2;.*no '
+                     r'checkpoint was written'):
+    train.check_finite(2, {'loss': 1.0, 'grad_norm': np.nan, 'nonfinite': 1.0})
+
+
+def test_fsdp_spec_shards_largest_divisible_dimension():
+  assert sharding.fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, 'fsdp')
+  assert sharding.fsdp_spec((256, 64), 4) == P('fsdp', None)
+  assert sharding.fsdp_spec((64, 64), 4) == P(None, 'fsdp')  # ties: the later dimension
+  assert sharding.fsdp_spec((6, 10), 4) == P()                # nothing divides: replicated
+  assert sharding.fsdp_spec((), 4) == P()
+  assert sharding.fsdp_spec((256, 64), 1) == P()
+
+
+def test_state_sharding_of_the_model_with_fsdp():
+  config = shapesworld.get_config('smoke')
+  mesh = sharding.make_mesh(fsdp=4)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  model = zegformer.build_model(config.model)
+  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, 10)
+  abstract, shardings = train.create_train_state(
+      config, model, optimizer_fn, 5, mesh, jax.random.key(0), abstract_only=True)
+  specs = {jax.tree_util.keystr(k): (x.shape, s.spec) for (k, x), s in zip(
+      jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))}
+  sharded = [k for k, (_, spec) in specs.items() if spec != P()]
+  assert len(sharded) > len(specs) // 2
+  assert specs["['step']"][1] == P()
+  # Adam's moments are split exactly like the parameter they belong to.
+  kernel = "['params']['transformer']['layers_0']['linear1']['kernel']"
+  mu = [k for k in specs if k.endswith(kernel[len("['params']"):]) and '.mu' in k]
+  assert mu and specs[mu[0]] == specs[kernel] == ((64, 128), P(None, 'fsdp'))
+  assert abstract['params']['query_embed'].sharding.spec == P(None, 'fsdp')
+
+
+def test_make_mesh_checks_fsdp_divides_devices():
+  with pytest.raises(ValueError, match='mesh.fsdp=3 must be >= 1 and divide the 8 devices'):
+    sharding.make_mesh(fsdp=3)
+  mesh = sharding.make_mesh(fsdp=8)
+  assert sharding.batch_axes(mesh) == ('data', 'fsdp')
+
+
+def test_preemption_watch_restores_previous_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  watch = train.PreemptionWatch()
+  assert signal.getsignal(signal.SIGTERM) == watch._handler
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert watch.should_stop(1)
+  watch.close()
+  assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_checkpointer_due_and_test_pause_parsing(tmp_path, monkeypatch):
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=2, every=3)
+  assert [s for s in range(1, 10) if ckpt.due(s)] == [3, 6, 9]
+  monkeypatch.setenv('ZEGFORMER_TEST_SLOW_SAVE', '6:2.5')
+  ckpt._arm_test_pause(5)
+  assert ckpt._data_handler.pause_s == 0
+  ckpt._arm_test_pause(6)
+  assert ckpt._data_handler.pause_s == 2.5
+  ckpt.close()
