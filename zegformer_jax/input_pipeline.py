@@ -67,17 +67,6 @@ from zegformer_jax import tfrecord
 _AUG_SALT = 0x5EED  # separates the augmentation streams from other uses of shuffle_seed
 
 
-def _import_decoder():
-  """Imports the tf.train.Example parser in this thread, before grain's reader threads run.
-
-  tfrecord imports its proto module lazily, through tensorflow_datasets' lazy imports; two
-  reader threads doing that first import at once can deadlock (Python 3.11's
-  functools.cached_property lock against the import lock). Parsing an empty record here
-  does the import once, in the calling thread.
-  """
-  tfrecord.parse_example(b'')
-
-
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -169,7 +158,6 @@ def make_train_dataset(config, data_dir: str, process_index: int | None = None,
   pi, pc = _process(process_index, process_count)
   local_batch = _local_batch(int(config.input.global_batch_size), pc,
                              'input.global_batch_size')
-  _import_decoder()
   source, s = data_source.open_split(data_dir, config.dataset.train_split)
   if int(s['ignore_value']) != int(config.dataset.ignore_value):
     raise ValueError(f'{data_dir}: split {config.dataset.train_split!r} uses ignore value '
@@ -319,7 +307,6 @@ def make_eval_batches(config, data_dir: str, split: str, process_index: int | No
   """
   pi, pc = _process(process_index, process_count)
   local_batch = _local_batch(int(config.input.eval_batch_size), pc, 'input.eval_batch_size')
-  _import_decoder()
   source, s = data_source.open_split(data_dir, split)
   n = len(source)
   max_images = int(config.eval.get('max_images', 0)) if 'eval' in config else 0

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import struct
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -392,10 +393,25 @@ def write_sharded(out_dir: str | os.PathLike, split: str, records: Sequence[byte
 # ----------------------------------------------------------------------------- tf.train.Example
 
 
+_PB2 = None
+_PB2_LOCK = threading.Lock()
+
+
 def _example_pb2():
-  # Imported lazily: the module pulls in parts of tensorflow_datasets (never TensorFlow).
-  from tensorflow_datasets.proto import tf_example_generated_pb2  # pylint: disable=g-import-not-at-top
-  return tf_example_generated_pb2
+  """The tf.train.Example proto module, imported once under a lock.
+
+  Imported lazily because it pulls in parts of tensorflow_datasets (never TensorFlow). The
+  lock matters: two grain reader threads doing the first import at the same time can
+  deadlock inside tensorflow_datasets' lazy imports (functools.cached_property's lock
+  against the import lock on Python 3.11).
+  """
+  global _PB2
+  if _PB2 is None:
+    with _PB2_LOCK:
+      if _PB2 is None:
+        from tensorflow_datasets.proto import tf_example_generated_pb2  # pylint: disable=g-import-not-at-top
+        _PB2 = tf_example_generated_pb2
+  return _PB2
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
