@@ -185,5 +185,13 @@ def max_rel_diff(a: dict, b: dict) -> float:
   return max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in a)
 
 
+_NOISE = ('Event loop is closed', '_check_closed', 'call_soon_threadsafe',
+          'Traceback (most recent call last)', 'asyncio/base_events.py')
+
+
 def tail(text: str, n: int = 3000) -> str:
-  return text[-n:]
+  """The end of a run's output without the asyncio shutdown noise of background threads,
+  plus every `error:` line, so an assertion message shows why a run failed."""
+  lines = [l for l in text.splitlines() if l.strip() and not any(x in l for x in _NOISE)]
+  errors = [l for l in lines if 'error' in l.lower()]
+  return '\n'.join(errors[-10:]) + '\n---\n' + '\n'.join(lines)[-n:]
