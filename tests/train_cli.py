@@ -77,7 +77,9 @@ def cached_run(tmp_path_factory, name: str, overrides, devices: int = 1) -> str:
 
 
 def compile_cache(tmp_path_factory) -> str:
-  return os.path.join(_session_root(tmp_path_factory), 'jax_compilation_cache')
+  """One persistent XLA cache per xdist worker: the two workers never write it at once."""
+  worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
+  return os.path.join(_session_root(tmp_path_factory), f'jax_compilation_cache_{worker}')
 
 
 def env(cache_dir: str, devices: int = 1, **extra) -> dict:
