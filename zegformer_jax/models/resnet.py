@@ -136,6 +136,16 @@ class BasicStem(nn.Module):
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+def _shortcut(conv, x: jax.Array, features: int, strides: int) -> jax.Array:
+  """Identity, or a 1x1 conv + FrozenBN named `shortcut` when shape or stride changes.
+
+  Called inside a block's compact __call__, so the conv lands in that block's scope.
+  """
+  if x.shape[-1] != features or strides != 1:
+    return conv(features, 1, strides=strides, name='shortcut')(x)
+  return x
+
+
 class BottleneckBlock(nn.Module):
   """1x1 -> 3x3 (stride here: STRIDE_IN_1X1 False) -> 1x1, FrozenBN after each, residual."""
   features: int            # output channels (4x the bottleneck width for ResNet-50/101)
@@ -147,10 +157,7 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
     conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
-    if x.shape[-1] != self.features or self.strides != 1:
-      shortcut = conv(self.features, 1, strides=self.strides, name='shortcut')(x)
-    else:
-      shortcut = x
+    shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.bottleneck_features, 1, activation=True, name='conv1')(x)
     y = conv(self.bottleneck_features, 3, strides=self.strides, activation=True,
              name='conv2')(y)
@@ -168,10 +175,7 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
     conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
-    if x.shape[-1] != self.features or self.strides != 1:
-      shortcut = conv(self.features, 1, strides=self.strides, name='shortcut')(x)
-    else:
-      shortcut = x
+    shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.features, 3, strides=self.strides, activation=True, name='conv1')(x)
     y = conv(self.features, 3, name='conv2')(y)
     return nn.relu(y + shortcut.astype(y.dtype))
