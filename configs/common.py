@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.block_counts = RESNET_BLOCKS[50]
   c.model.backbone.stem_width = 64          # res2 bottleneck width; channels out = 4x
   c.model.backbone.bottleneck = True        # False: BasicBlock (small test variants)
+  c.model.backbone.norm = 'FrozenBN'        # RESNETS.NORM: 'FrozenBN' | 'GN' (from scratch)
+  c.model.backbone.gn_groups = 32
   c.model.pixel_decoder = ml_collections.ConfigDict()
   c.model.pixel_decoder.conv_dim = 256
   c.model.pixel_decoder.mask_dim = 256
@@ -82,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder.dropout = 0.1
   c.model.decoder.num_queries = 100
   c.model.decoder.pre_norm = False
-  c.model.decoder.in_feature = 'res5'       # TRANSFORMER_IN_FEATURE: backbone level read by the decoder
+  c.model.decoder.in_feature = 'res5'       # TRANSFORMER_IN_FEATURE: res2..res5, or 'pixel_embedding' (mask features)
   c.model.mask_embed_layers = 3
   c.model.embed_dim = 512                   # CLIP text embedding width (semantic embedding)
   c.model.temperature = 0.01                # Eq. 1 tau; logit scale 1/tau = 100, fixed
@@ -105,6 +107,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.pretrain_eval_per_class = 32       # held-out examples per class and kind (stats)
 
   # ---------------------------------------------------------------- loss / matching
+  # ShapesWorld's stand-in for ImageNet (zegformer_jax/backbone_pretrain.py): with steps > 0
+  # and no train.init_from, the backbone is pretrained into <workdir>/backbone first.
+  c.backbone_pretrain = ml_collections.ConfigDict()
+  c.backbone_pretrain.steps = 0
+  c.backbone_pretrain.batch_size = 32
+  c.backbone_pretrain.lr = 2e-3
+  c.backbone_pretrain.image_size = 32
+  c.backbone_pretrain.pool_per_class = 200
+  c.backbone_pretrain.eval_per_class = 20
+
   c.loss = ml_collections.ConfigDict()
   c.loss.class_weight = 1.0
   c.loss.mask_weight = 20.0                 # sigmoid focal

@@ -377,9 +377,13 @@ def test_dropout_active_only_in_training(small):
 
 
 @pytest.mark.parametrize('level,channels,tokens', [('res5', 128, 2 * 2), ('res4', 64, 4 * 4),
-                                                   ('res3', 32, 8 * 8)])
+                                                   ('res3', 32, 8 * 8),
+                                                   ('pixel_embedding', 64, 16 * 16)])
 def test_decoder_in_feature(level, channels, tokens):
-  """TRANSFORMER_IN_FEATURE: input_proj reads the chosen level; memory has its h*w tokens."""
+  """TRANSFORMER_IN_FEATURE: input_proj reads the chosen level; memory has its h*w tokens.
+
+  'pixel_embedding' is the stride-4 mask features (mask_dim channels).
+  """
   cfg = _small_model_config(in_feature=level)
   model = zegformer.build_model(cfg)
   shapes = jax.eval_shape(lambda: zegformer.init_variables(
@@ -393,3 +397,46 @@ def test_decoder_in_feature(level, channels, tokens):
       mutable=['intermediates']))
   proj = out[1]['intermediates']['input_proj']['__call__'][0]
   assert proj.shape[1] * proj.shape[2] == tokens
+
+
+def test_conv_batch_norm_folds_into_frozen_batch_norm():
+  """Conv2d(norm='BN') on batch statistics == Conv2d(norm='FrozenBN') with the statistics
+  folded in (backbone_pretrain.fold_batch_norm), against numpy batch statistics."""
+  from zegformer_jax import backbone_pretrain
+  from flax import traverse_util
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)).astype(np.float32))
+  bn = resnet.Conv2d(5, 3, norm='BN', activation=True)
+  v = bn.init(jax.random.key(0), x)
+  params = {'kernel': v['params']['kernel'],
+            'norm': {'scale': jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32),
+                     'bias': jnp.asarray(rng.normal(size=5), jnp.float32)}}
+  y_bn, _ = bn.apply({'params': params, 'batch_stats': v['batch_stats']}, x,
+                     mutable=['batch_stats'])
+  z = np.asarray(resnet.Conv2d(5, 3).apply({'params': {'kernel': params['kernel']}}, x))
+  batch_stats = {'norm': {'mean': z.mean((0, 1, 2)), 'var': z.var((0, 1, 2))}}
+  flat = backbone_pretrain.fold_batch_norm(params, batch_stats)
+  assert set(flat) == {('params', 'kernel'), ('frozen', 'norm', 'scale'),
+                       ('frozen', 'norm', 'bias'), ('frozen', 'norm', 'mean'),
+                       ('frozen', 'norm', 'var')}
+  tree = traverse_util.unflatten_dict(flat)
+  y_frozen = resnet.Conv2d(5, 3, norm='FrozenBN', activation=True).apply(tree, x)
+  np.testing.assert_allclose(np.asarray(y_frozen), np.asarray(y_bn), rtol=1e-4, atol=1e-4)
+  want = np.maximum((z - z.mean((0, 1, 2))) / np.sqrt(z.var((0, 1, 2)) + 1e-5)
+                    * np.asarray(params['norm']['scale']) + np.asarray(params['norm']['bias']), 0)
+  np.testing.assert_allclose(np.asarray(y_bn), want, rtol=1e-4, atol=1e-4)
+
+
+def test_backbone_group_norm_is_trainable_and_has_no_frozen_statistics():
+  """RESNETS.NORM 'GN': GroupNorm scale/bias in 'params', nothing in 'frozen'; forward runs."""
+  cfg = _small_model_config()
+  cfg.backbone.norm = 'GN'
+  cfg.backbone.gn_groups = 8
+  model = zegformer.build_model(cfg)
+  v = zegformer.init_variables(model, jax.random.key(0), image_hw=IMAGE_HW, num_classes=3)
+  assert not v['frozen']
+  stem_norm = v['params']['backbone']['stem']['conv1']['norm']
+  assert set(stem_norm) == {'scale', 'bias'} and stem_norm['scale'].shape == (16,)
+  out = model.apply(v, jnp.ones((1, *IMAGE_HW, 3)), _text(jax.random.key(1), 3, cfg.embed_dim),
+                    train=False)
+  assert np.isfinite(np.asarray(out['pred_logits'])).all()

@@ -4,6 +4,8 @@ Not a test module. The runs use the ShapesWorld smoke config with:
   * one ShapesWorld smoke dataset, miniature CLIP and text-embedding cache per test session,
     shared by every run (--config.dataset.data_dir / --config.clip.model_path), generated
     once under a file lock (pytest-xdist workers share it);
+  * no backbone pretraining (--config.backbone_pretrain.steps=0; tests/test_backbone_pretrain.py
+    covers it): the runs start from random weights;
   * a persistent XLA compilation cache shared by every run (the train step itself is never
     cached: it holds a host callback, the Hungarian matching);
   * XLA CPU backend optimisation off (--xla_backend_optimization_level=0): the train step
@@ -102,7 +104,9 @@ def main_args(workdir: str, resources: str, *overrides: str, mode: str = 'train'
     shutil.copytree(os.path.join(resources, 'text_embeddings'), cache)
   return ['--config', SMOKE, '--workdir', workdir, '--mode', mode,
           f'--config.dataset.data_dir={resources}/data',
-          f'--config.clip.model_path={resources}/clip', *overrides]
+          f'--config.clip.model_path={resources}/clip',
+          # Backbone pretraining has its own tests; these runs start from random weights.
+          '--config.backbone_pretrain.steps=0', *overrides]
 
 
 def command(args: list, processes: int = 1, devices: int = 1) -> list:

@@ -67,6 +67,22 @@ def clip_dir(config, workdir: str) -> str:
   return path
 
 
+def init_from(config, workdir: str) -> str:
+  """The weights training starts from: config.train.init_from, else for ShapesWorld with
+  config.backbone_pretrain.steps > 0 the pretrained backbone in `<workdir>/backbone`
+  (backbone_pretrain.ensure_backbone; made on first use), else '' (random init)."""
+  if config.train.init_from:
+    return config.train.init_from
+  if config.dataset.name != 'shapesworld' or config.backbone_pretrain.steps <= 0:
+    return ''
+  path = os.path.join(workdir, 'backbone')
+  if jax.process_index() == 0:
+    from zegformer_jax import backbone_pretrain
+    backbone_pretrain.ensure_backbone(path, backbone_pretrain.settings_from_config(config))
+  _barrier('pretrained backbone')
+  return path
+
+
 def _barrier(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -170,8 +170,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
   if start is not None:
     logging.info('resuming from %s/%d', ckpt.directory, start)
     state = ckpt.restore(start, state, data_iter)
-  elif config.train.init_from:
-    state = _init_from(config.train.init_from, state)
+  elif init_path := resources.init_from(config, workdir):
+    state = _init_from(init_path, state)
 
   optimizer = optimizer_fn(state['params'])
   train_step = make_train_step(config, model, optimizer, mesh, state_sharding)

@@ -115,23 +115,30 @@ class Conv2d(nn.Module):
     elif self.norm == 'GN':
       y = nn.GroupNorm(num_groups=self.gn_groups, epsilon=1e-5, dtype=self.dtype,
                        name='norm')(y)
+    elif self.norm == 'BN':
+      # Batch statistics (pretraining only); the running averages land in 'batch_stats'
+      # under the same names FrozenBatchNorm reads, so folding is a collection rename.
+      y = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                       dtype=self.dtype, name='norm')(y)
     elif self.norm:
-      raise ValueError(f'unknown norm {self.norm!r}; expected "", "FrozenBN" or "GN"')
+      raise ValueError(f'unknown norm {self.norm!r}; expected "", "FrozenBN", "GN" or "BN"')
     if self.activation:
       y = nn.relu(y)
     return y
 
 
 class BasicStem(nn.Module):
-  """7x7/2 conv + FrozenBN + ReLU, then 3x3/2 max-pool with padding 1: stride 4 overall."""
+  """7x7/2 conv + norm + ReLU, then 3x3/2 max-pool with padding 1: stride 4 overall."""
   features: int = 64
+  norm: str = 'FrozenBN'
+  gn_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, 3] -> [B, H/4, W/4, features]."""
-    x = Conv2d(self.features, 7, strides=2, norm='FrozenBN', activation=True,
-               dtype=self.dtype, name='conv1')(x)
+    x = Conv2d(self.features, 7, strides=2, norm=self.norm, gn_groups=self.gn_groups,
+               activation=True, dtype=self.dtype, name='conv1')(x)
     # Max-pool pads with -inf, as F.max_pool2d does.
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -151,12 +158,15 @@ class BottleneckBlock(nn.Module):
   features: int            # output channels (4x the bottleneck width for ResNet-50/101)
   bottleneck_features: int
   strides: int = 1
+  norm: str = 'FrozenBN'
+  gn_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
-    conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
+    conv = lambda *a, **kw: Conv2d(*a, norm=self.norm, gn_groups=self.gn_groups,
+                                   dtype=self.dtype, **kw)
     shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.bottleneck_features, 1, activation=True, name='conv1')(x)
     y = conv(self.bottleneck_features, 3, strides=self.strides, activation=True,
@@ -169,12 +179,15 @@ class BasicBlock(nn.Module):
   """Two 3x3 convs (stride on the first), FrozenBN after each, residual (ResNet-18/34 style)."""
   features: int
   strides: int = 1
+  norm: str = 'FrozenBN'
+  gn_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
-    conv = lambda *a, **kw: Conv2d(*a, norm='FrozenBN', dtype=self.dtype, **kw)
+    conv = lambda *a, **kw: Conv2d(*a, norm=self.norm, gn_groups=self.gn_groups,
+                                   dtype=self.dtype, **kw)
     shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.features, 3, strides=self.strides, activation=True, name='conv1')(x)
     y = conv(self.features, 3, name='conv2')(y)
@@ -195,6 +208,8 @@ class ResNet(nn.Module):
   block_counts: Sequence[int] = (3, 4, 6, 3)
   stem_width: int = 64
   bottleneck: bool = True
+  norm: str = 'FrozenBN'
+  gn_groups: int = 32
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -205,7 +220,8 @@ class ResNet(nn.Module):
       {'res2': [B, H/4, W/4, C2], 'res3': [.., H/8, ..], 'res4': [.., H/16, ..],
        'res5': [B, H/32, W/32, C5]}.
     """
-    x = BasicStem(self.stem_width, dtype=self.dtype, name='stem')(x)
+    kw = dict(norm=self.norm, gn_groups=self.gn_groups, dtype=self.dtype)
+    x = BasicStem(self.stem_width, name='stem', **kw)(x)
     out = {}
     for i, n in enumerate(self.block_counts):
       stage = i + 2
@@ -215,9 +231,8 @@ class ResNet(nn.Module):
         strides = 2 if (j == 0 and i > 0) else 1
         name = f'res{stage}_{j}'
         if self.bottleneck:
-          x = BottleneckBlock(4 * width, width, strides=strides, dtype=self.dtype,
-                              name=name)(x)
+          x = BottleneckBlock(4 * width, width, strides=strides, name=name, **kw)(x)
         else:
-          x = BasicBlock(width, strides=strides, dtype=self.dtype, name=name)(x)
+          x = BasicBlock(width, strides=strides, name=name, **kw)(x)
       out[f'res{stage}'] = x
     return out

@@ -4,7 +4,8 @@ The model groups pixels into segments class-agnostically and classifies each seg
 against CLIP text embeddings (../shared/reference/official_zegformer.md, section 1):
 
   images -> ResNet (res2..res5) -> BasePixelDecoder -> mask features [B, H/4, W/4, mask_dim]
-  res5 -> input_proj (1x1 conv) -> memory;  sine position encoding of the res5 grid -> pos
+  res5 (config.decoder.in_feature: a backbone level or 'pixel_embedding', the mask features)
+       -> input_proj (1x1 conv) -> memory;  sine position encoding of that grid -> pos
   learned queries (query_embed, as query position) + zero targets -> transformer decoder
        -> segment embeddings of every layer [L, B, Q, hidden]
   segment embedding -> mask_embed (3-layer MLP) -> mask embedding -> masks = <mask emb, pixel>
@@ -118,6 +119,8 @@ class ZegFormer(nn.Module):
 
     features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
                       stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
+                      norm=cfg.backbone.get('norm', 'FrozenBN'),
+                      gn_groups=cfg.backbone.get('gn_groups', 32),
                       dtype=dtype, name='backbone')(images)
     mask_features = BasePixelDecoder(
         conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
@@ -126,7 +129,10 @@ class ZegFormer(nn.Module):
     # The decoder reads a backbone level directly (TRANSFORMER_IN_FEATURE, res5 in every
     # official config), not the FPN output. Small inputs (ShapesWorld's 64 px) may choose a
     # finer level so the memory has more than 2x2 tokens.
-    in_feature = features[dec.get('in_feature', 'res5')]
+    in_name = dec.get('in_feature', 'res5')
+    # 'pixel_embedding' (MaskFormer's head option): the decoder reads the stride-4 mask
+    # features instead of a backbone level.
+    in_feature = mask_features if in_name == 'pixel_embedding' else features[in_name]
     b, h, w, _ = in_feature.shape
     memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
                     name='input_proj')(in_feature).reshape(b, h * w, hidden)
@@ -216,7 +222,7 @@ def init_variables(model: ZegFormer, rng: jax.Array, image_hw: Tuple[int, int] =
     images = jnp.zeros((batch, h, w, 3), jnp.float32)
     text = jnp.zeros((num_classes, model.config.embed_dim), jnp.float32)
     variables = model.init({'params': key}, images, text, train=False)
-    return {'params': variables['params'], 'frozen': variables['frozen']}
+    return {'params': variables['params'], 'frozen': variables.get('frozen', {})}
 
   if isinstance(rng, jax.core.Tracer):  # traced (eval_shape, an outer jit): no compile here
     return init(rng)

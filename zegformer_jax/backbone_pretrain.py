@@ -1,0 +1,259 @@
+"""Image-level pretraining of the ResNet backbone: ShapesWorld's stand-in for ImageNet.
+
+Every official ZegFormer config starts its ResNet from ImageNet weights that were trained
+with batch norm and are then frozen (FrozenBN). ShapesWorld has no ImageNet, and a backbone
+trained from scratch inside the segmentation model learns colour long before shape (the
+probe in BENCHMARKS.md). So, before ZegFormer trains, `make demo` gives the same ResNet
+(config.model.backbone) an ImageNet-like start:
+
+- data: single-object pictures of the SEEN classes only (data_prep.shapesworld
+  render_class_crop: a thing on a grey or textured ground, or a stuff texture), rendered
+  once into a class-balanced pool. Unseen classes never reach the backbone as labels;
+  their colours and shapes do occur among the seen classes, as ImageNet's do for COCO.
+- model: the ResNet with BatchNorm on batch statistics (norm 'BN'), global average pool
+  of res5, one Dense classifier; softmax cross-entropy, AdamW with warm-up and cosine
+  decay, random flips and shifts; one jitted step.
+- folding: BN's scale/bias (params) and running mean/var (batch_stats) become the FrozenBN
+  variables of the same names (`fold_batch_norm`), exactly as detectron2 turns an ImageNet
+  BN checkpoint into FrozenBN. Held-out accuracy is measured through the FOLDED network,
+  so a wrong fold shows up in the statistics.
+- output: a `zegformer_jax.convert` directory (convert_meta.json + params/, covers
+  params/backbone and frozen/backbone) that `--config.train.init_from` loads like an
+  ImageNet ResNet conversion; the classifier head is not kept. Assembled beside the
+  target and renamed into place, so a directory is complete or absent;
+  `ensure_backbone` reuses a complete one made with the same settings.
+
+  python -m zegformer_jax.backbone_pretrain --output_dir DIR [--split default] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, Mapping, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+from zegformer_jax import convert
+from zegformer_jax.models.resnet import FROZEN, ResNet
+
+logger = logging.getLogger(__name__)
+
+SOURCE_FORMAT = 'shapesworld-pretrain'
+STATS_FILE = 'pretrain_stats.json'
+COVERS = ('params/backbone', 'frozen/backbone')
+_STREAM_TRAIN, _STREAM_EVAL = 11, 12   # example_rng seeds, apart from the CLIP's streams
+
+
+class Classifier(nn.Module):
+  """ResNet (BN on batch statistics, or FrozenBN after folding) -> mean res5 -> Dense."""
+  backbone: Mapping[str, Any]
+  num_classes: int
+  norm: str = 'BN'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, 3] normalised images -> [B, num_classes] logits."""
+    b = self.backbone
+    features = ResNet(block_counts=tuple(b['block_counts']), stem_width=b['stem_width'],
+                      bottleneck=b['bottleneck'], norm=self.norm, gn_groups=b['gn_groups'],
+                      name='backbone')(x)
+    return nn.Dense(self.num_classes, name='head')(features['res5'].mean(axis=(1, 2)))
+
+
+def fold_batch_norm(params: Mapping, batch_stats: Mapping) -> Dict[Tuple[str, ...], np.ndarray]:
+  """BN variables -> FrozenBN variables, as flat {('params'|'frozen', ...path): array}.
+
+  Every `.../norm/{scale,bias}` of params and `.../norm/{mean,var}` of batch_stats goes to
+  the 'frozen' collection under the same path; every other parameter stays in 'params'.
+  FrozenBN(x) = (x - mean) / sqrt(var + eps) * scale + bias is then what BN computes in
+  inference mode.
+  """
+  flat = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    collection = FROZEN if len(path) >= 2 and path[-2] == 'norm' else 'params'
+    flat[(collection,) + path] = np.asarray(value, np.float32)
+  for path, value in traverse_util.flatten_dict(dict(batch_stats)).items():
+    flat[(FROZEN,) + path] = np.asarray(value, np.float32)
+  return flat
+
+
+def settings_from_config(config) -> Dict[str, Any]:
+  """Everything that decides the pretrained backbone, as JSON values."""
+  b, p = config.model.backbone, config.backbone_pretrain
+  return dict(world_split=config.dataset.world_split, seed=int(config.seed),
+              steps=int(p.steps), batch_size=int(p.batch_size), lr=float(p.lr),
+              image_size=int(p.image_size), pool_per_class=int(p.pool_per_class),
+              eval_per_class=int(p.eval_per_class),
+              pixel_mean=[float(v) for v in config.model.pixel_mean],
+              pixel_std=[float(v) for v in config.model.pixel_std],
+              backbone=dict(block_counts=[int(n) for n in b.block_counts],
+                            stem_width=int(b.stem_width), bottleneck=bool(b.bottleneck),
+                            gn_groups=int(b.gn_groups)))
+
+
+def render_pool(class_names, per_class: int, *, seed: int, stream: int,
+                size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, size, size, 3], labels int32 [N]), per_class pictures per class."""
+  from data_prep import shapesworld as sw
+  images, labels = [], []
+  for c, name in enumerate(class_names):
+    for j in range(per_class):
+      rng = np.random.default_rng([seed, stream, c, j])
+      images.append(sw.render_class_crop(name, rng, size))
+      labels.append(c)
+  return np.stack(images), np.asarray(labels, np.int32)
+
+
+def _augment(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Random horizontal flip per image and one random shift (reflect-padded) per batch."""
+  k_flip, k_shift = jax.random.split(key)
+  flip = jax.random.bernoulli(k_flip, 0.5, (x.shape[0],))
+  x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+  pad = x.shape[1] // 8
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * pad + 1)
+  return jax.lax.dynamic_slice(padded, (0, dy, dx, 0), x.shape)
+
+
+def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> Dict[str, Any]:
+  """Pretrains the backbone with settings `s` (settings_from_config) into `path`."""
+  from data_prep import shapesworld as sw
+  start = time.time()
+  path = os.path.abspath(os.fspath(path))
+  seen, _ = sw.class_names(s['world_split'])
+  mean = jnp.asarray(s['pixel_mean'], jnp.float32)
+  std = jnp.asarray(s['pixel_std'], jnp.float32)
+  images, labels = render_pool(seen, s['pool_per_class'], seed=s['seed'],
+                               stream=_STREAM_TRAIN, size=s['image_size'])
+  images, labels = jnp.asarray(images), jnp.asarray(labels)
+  render_s = time.time() - start
+
+  model = Classifier(backbone=s['backbone'], num_classes=len(seen), norm='BN')
+  variables = model.init(jax.random.key(s['seed']),
+                         jnp.zeros((2, s['image_size'], s['image_size'], 3)))
+  params, batch_stats = variables['params'], variables['batch_stats']
+  steps = s['steps']
+  schedule = optax.warmup_cosine_decay_schedule(0.0, s['lr'], max(1, steps // 10), steps)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, batch_stats, opt_state, key):
+    k_idx, k_aug = jax.random.split(key)
+    idx = jax.random.randint(k_idx, (s['batch_size'],), 0, labels.shape[0])
+    x = _augment(k_aug, (images[idx].astype(jnp.float32) - mean) / std)
+
+    def loss_fn(p):
+      logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, x,
+                                    mutable=['batch_stats'])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+      return loss, (updates['batch_stats'], jnp.mean(logits.argmax(-1) == labels[idx]))
+
+    (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss, acc
+
+  key = jax.random.key(s['seed'] + 1)
+  history = []
+  t0 = time.time()
+  for i in range(1, steps + 1):
+    key, sub = jax.random.split(key)
+    params, batch_stats, opt_state, loss, acc = step(params, batch_stats, opt_state, sub)
+    if i % log_every == 0 or i == steps:
+      history.append(dict(step=i, loss=float(loss), batch_accuracy=float(acc)))
+      logger.info('backbone pretraining step %d/%d: loss %.4f', i, steps, float(loss))
+  train_s = time.time() - t0
+
+  # Held-out accuracy through the folded (FrozenBN) network: checks the fold as well.
+  flat = fold_batch_norm(params, batch_stats)
+  folded = traverse_util.unflatten_dict(flat)
+  eval_images, eval_labels = render_pool(seen, s['eval_per_class'], seed=s['seed'],
+                                         stream=_STREAM_EVAL, size=s['image_size'])
+  frozen_model = Classifier(backbone=s['backbone'], num_classes=len(seen), norm='FrozenBN')
+  logits = jax.jit(frozen_model.apply)(
+      {'params': folded['params'], FROZEN: folded[FROZEN]},
+      (jnp.asarray(eval_images, jnp.float32) - mean) / std)
+  pred = np.asarray(logits).argmax(-1)
+  accuracy = float(np.mean(pred == eval_labels))
+  things = np.asarray([' ' in n and n != 'brick wall' for n in seen])[eval_labels]
+  stats = dict(settings=dict(s), classes=seen, held_out_accuracy=accuracy,
+               held_out_accuracy_things=float(np.mean((pred == eval_labels)[things])),
+               history=history, seconds=dict(render=round(render_s, 2),
+                                             train=round(train_s, 2),
+                                             total=round(time.time() - start, 2)))
+
+  backbone_only = {k: v for k, v in flat.items() if k[1] == 'backbone'}
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-backbone-')
+  try:
+    convert.save_params(os.path.join(tmp, convert.PARAMS_DIR), backbone_only)
+    meta = {'format': convert.META_FORMAT, 'version': convert.META_VERSION,
+            'source_format': SOURCE_FORMAT, 'input': None, 'config': None,
+            'covers': list(COVERS), 'absent': [], 'skipped': {}, 'ignored': [],
+            'num_variables': len(backbone_only), 'clip': None,
+            'notes': ['ShapesWorld image-level pretraining (zegformer_jax.backbone_pretrain)']}
+    with open(os.path.join(tmp, convert.META_NAME), 'w', encoding='utf-8') as f:
+      json.dump(meta, f, indent=1)
+    # Written last: a directory holding this file is a finished pretraining.
+    with open(os.path.join(tmp, STATS_FILE), 'w', encoding='utf-8') as f:
+      json.dump(stats, f, indent=1)
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(path):
+      os.rmdir(path)   # only an empty directory may be replaced (checked by the caller)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return stats
+
+
+def ensure_backbone(path: str, s: Mapping[str, Any]) -> Dict[str, Any]:
+  """pretrain_backbone(path, s) unless `path` holds a finished one with the same settings."""
+  file = os.path.join(os.fspath(path), STATS_FILE)
+  if os.path.isfile(file):
+    with open(file, encoding='utf-8') as f:
+      stats = json.load(f)
+    if stats.get('settings') != json.loads(json.dumps(dict(s))):
+      have = stats.get('settings', {})
+      diff = {k: (have.get(k), v) for k, v in s.items() if have.get(k) != v}
+      raise ValueError(f'{path} holds a backbone pretrained with other settings '
+                       f'((existing, requested) = {diff}); remove it or use another workdir')
+    logger.info('reusing the pretrained backbone in %s', path)
+    return stats
+  if os.path.isdir(path) and os.listdir(path):
+    raise FileExistsError(f'{path} exists but holds no finished backbone pretraining '
+                          f'({STATS_FILE} missing); remove it to pretrain there')
+  return pretrain_backbone(path, s)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--output_dir', required=True)
+  p.add_argument('--split', default='default', help='ShapesWorld split (dataset.world_split)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--steps', type=int, default=None, help='default: configs/shapesworld.py')
+  args = p.parse_args(argv)
+  from configs import shapesworld
+  config = shapesworld.get_config()
+  config.dataset.world_split, config.seed = args.split, args.seed
+  if args.steps is not None:
+    config.backbone_pretrain.steps = args.steps
+  logging.basicConfig(level=logging.INFO)
+  stats = ensure_backbone(args.output_dir, settings_from_config(config))
+  print(json.dumps({k: stats[k] for k in ('held_out_accuracy', 'held_out_accuracy_things',
+                                          'seconds')}, indent=1))
+
+
+if __name__ == '__main__':
+  main()
