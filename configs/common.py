@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.backbone.bottleneck = True        # False: BasicBlock (small test variants)
   c.model.backbone.norm = 'FrozenBN'        # RESNETS.NORM: 'FrozenBN' | 'GN' (from scratch)
   c.model.backbone.gn_groups = 32
+  c.model.backbone.freeze_at = 0            # BACKBONE.FREEZE_AT (0 in the official configs)
   c.model.pixel_decoder = ml_collections.ConfigDict()
   c.model.pixel_decoder.conv_dim = 256
   c.model.pixel_decoder.mask_dim = 256

@@ -55,8 +55,11 @@ def get_config(arg=None):
   # The stand-in for ImageNet weights: the ResNet is first trained as a classifier of
   # single-object pictures of the seen classes (zegformer_jax/backbone_pretrain.py) and
   # then loaded with FrozenBN, as every official config loads its ImageNet ResNet.
-  c.backbone_pretrain.steps = 1000
+  c.backbone_pretrain.steps = 2000
   c.backbone_pretrain.image_size = 48   # objects of the size they have in the 64-px scenes
+  # Its crop-classification features are kept as they are: frozen (no gradient, zero lr).
+  c.model.backbone.freeze_at = 5
+  c.optim.backbone_multiplier = 0.0
 
   c.clip.model_path = ''           # '' -> <workdir>/clip (pretrained on first use)
   c.clip.train_prompts = 'single'
@@ -70,7 +73,7 @@ def get_config(arg=None):
   c.loss.class_weight = 2.0
   c.loss.cost_class = 2.0
 
-  c.train.total_steps = 2500
+  c.train.total_steps = 3000
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.eval_every = 0

@@ -440,3 +440,18 @@ def test_backbone_group_norm_is_trainable_and_has_no_frozen_statistics():
   out = model.apply(v, jnp.ones((1, *IMAGE_HW, 3)), _text(jax.random.key(1), 3, cfg.embed_dim),
                     train=False)
   assert np.isfinite(np.asarray(out['pred_logits'])).all()
+
+
+@pytest.mark.parametrize('freeze_at,frozen_stages', [(0, ()), (1, ('stem',)),
+                                                     (3, ('stem', 'res2_0', 'res3_0'))])
+def test_freeze_at_stops_gradients_of_frozen_stages(freeze_at, frozen_stages):
+  """BACKBONE.FREEZE_AT: exactly the stem and res2..res{k} get zero gradients."""
+  net = resnet.ResNet(block_counts=(1, 1, 1, 1), stem_width=8, bottleneck=False,
+                      freeze_at=freeze_at)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 64, 3)), jnp.float32)
+  v = net.init(jax.random.key(0), x)
+  grads = jax.grad(lambda p: sum(jnp.sum(f ** 2) for f in net.apply(
+      {'params': p, 'frozen': v['frozen']}, x).values()))(v['params'])
+  for name, g in grads.items():
+    norm = sum(float(jnp.abs(leaf).sum()) for leaf in jax.tree.leaves(g))
+    assert (norm == 0.0) == (name in frozen_stages), (name, norm)

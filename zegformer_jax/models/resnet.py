@@ -204,12 +204,17 @@ class ResNet(nn.Module):
       ResNets, whose stage i then has bottleneck width 64 * 2**i and 256 * 2**i outputs).
     bottleneck: True for bottleneck blocks; False for BasicBlocks with stage widths
       stem_width * 2**i (small variants).
+    norm: 'FrozenBN' (fine-tuning pretrained weights), 'GN' (from scratch) or 'BN' (batch
+      statistics; backbone_pretrain only).
+    freeze_at: detectron2's FREEZE_AT: 0 trains everything, 1 stops gradients after the
+      stem, k >= 2 after res{k}.
   """
   block_counts: Sequence[int] = (3, 4, 6, 3)
   stem_width: int = 64
   bottleneck: bool = True
   norm: str = 'FrozenBN'
   gn_groups: int = 32
+  freeze_at: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -222,6 +227,10 @@ class ResNet(nn.Module):
     """
     kw = dict(norm=self.norm, gn_groups=self.gn_groups, dtype=self.dtype)
     x = BasicStem(self.stem_width, name='stem', **kw)(x)
+    # detectron2's BACKBONE.FREEZE_AT: no gradient reaches the stem (>= 1) and res2..res{k}
+    # (k = freeze_at), so the backward pass skips them. Their parameters must also get a
+    # zero learning rate (optim.backbone_multiplier = 0), or weight decay still moves them.
+    x = jax.lax.stop_gradient(x) if self.freeze_at >= 1 else x
     out = {}
     for i, n in enumerate(self.block_counts):
       stage = i + 2
@@ -234,5 +243,6 @@ class ResNet(nn.Module):
           x = BottleneckBlock(4 * width, width, strides=strides, name=name, **kw)(x)
         else:
           x = BasicBlock(width, strides=strides, name=name, **kw)(x)
+      x = jax.lax.stop_gradient(x) if self.freeze_at >= stage else x
       out[f'res{stage}'] = x
     return out

@@ -121,6 +121,7 @@ class ZegFormer(nn.Module):
                       stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
                       norm=cfg.backbone.get('norm', 'FrozenBN'),
                       gn_groups=cfg.backbone.get('gn_groups', 32),
+                      freeze_at=cfg.backbone.get('freeze_at', 0),
                       dtype=dtype, name='backbone')(images)
     mask_features = BasePixelDecoder(
         conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
