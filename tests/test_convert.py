@@ -699,7 +699,10 @@ def test_layout_transforms():
 
 
 def _reference_keys(name):
-  with open(os.path.join(REFERENCE, f'zegformer_{name}_state_dict_keys.json')) as f:
+  path = os.path.join(REFERENCE, f'zegformer_{name}_state_dict_keys.json')
+  if not os.path.isfile(path):  # ../shared is beside the checkout only in the workspace
+    pytest.skip(f'{os.path.normpath(path)} is absent')
+  with open(path) as f:
     keys = json.load(f)['keys']
   # criterion.empty_weight's size depends on the dataset (documented as text in the file).
   return {e['key']: tuple(157 if isinstance(s, str) else s for s in e['shape']) for e in keys}

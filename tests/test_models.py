@@ -85,6 +85,8 @@ def test_official_parameter_totals(config_module, with_frozen, without_frozen):
 
 def test_variables_match_official_state_dict_keys():
   """Every official R-50 tensor maps onto exactly one of ours (q/k/v split), shapes agree."""
+  if not os.path.isfile(REFERENCE_KEYS):  # ../shared is beside the checkout only in the workspace
+    pytest.skip(f'{os.path.normpath(REFERENCE_KEYS)} is absent')
   with open(REFERENCE_KEYS) as f:
     keys = json.load(f)['keys']
   shapes = summary.variable_shapes(coco_stuff_r50.get_config().model)
