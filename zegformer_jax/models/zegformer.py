@@ -127,12 +127,10 @@ class ZegFormer(nn.Module):
         conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
         gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
 
-    # The decoder reads a backbone level directly (TRANSFORMER_IN_FEATURE, res5 in every
-    # official config), not the FPN output. Small inputs (ShapesWorld's 64 px) may choose a
-    # finer level so the memory has more than 2x2 tokens.
+    # TRANSFORMER_IN_FEATURE: the decoder reads a backbone level (res5 in every official
+    # config) or, with MaskFormer's 'pixel_embedding' option, the stride-4 mask features.
+    # Small inputs (ShapesWorld's 64 px, where res5 is 2x2) need the finer memory.
     in_name = dec.get('in_feature', 'res5')
-    # 'pixel_embedding' (MaskFormer's head option): the decoder reads the stride-4 mask
-    # features instead of a backbone level.
     in_feature = mask_features if in_name == 'pixel_embedding' else features[in_name]
     b, h, w, _ = in_feature.shape
     memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
