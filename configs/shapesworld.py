@@ -73,7 +73,7 @@ def get_config(arg=None):
   c.loss.class_weight = 2.0
   c.loss.cost_class = 2.0
 
-  c.train.total_steps = 3000
+  c.train.total_steps = 4000
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.eval_every = 0
