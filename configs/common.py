@@ -107,7 +107,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.pretrain_pool_per_class = 384      # pre-rendered training examples per class
   c.clip.pretrain_eval_per_class = 32       # held-out examples per class and kind (stats)
 
-  # ---------------------------------------------------------------- loss / matching
   # ShapesWorld's stand-in for ImageNet (zegformer_jax/backbone_pretrain.py): with steps > 0
   # and no train.init_from, the backbone is pretrained into <workdir>/backbone first.
   c.backbone_pretrain = ml_collections.ConfigDict()
@@ -118,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_pretrain.pool_per_class = 200
   c.backbone_pretrain.eval_per_class = 20
 
+  # ---------------------------------------------------------------- loss / matching
   c.loss = ml_collections.ConfigDict()
   c.loss.class_weight = 1.0
   c.loss.mask_weight = 20.0                 # sigmoid focal
