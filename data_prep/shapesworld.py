@@ -1,7 +1,8 @@
 r"""ShapesWorld: a procedurally generated zero-shot segmentation world (ARCHITECTURE.md).
 
   python -m data_prep.shapesworld --output_dir DIR [--seed 0] [--split default] \
-      [--num_train 2000] [--num_val 200] [--image_size 64] [--num_shards 4]
+      [--num_train 2000] [--num_val 200] [--image_size 64] [--num_shards 4] \
+      [--unseen_in_train absent|ignored]
 
 Each image has one or two background "stuff" regions (procedural textures: sand, water,
 grass, brick wall, wood, sky, snow, carpet) and 1-3 "thing" objects (shape x colour, e.g.
@@ -13,9 +14,10 @@ Classes (canonical order: 24 things colour-major, then 8 stuff) are split into s
 unseen by the named split ('default' or 'alt', `UNSEEN`); every colour and every shape still
 occurs among the seen classes. Splits written to DIR (one dataset_info.json describes all):
 
-  train       2000 images of all classes, labels of seen classes only: 0..S-1 in seen
-              order, unseen pixels 255 (ignored), as COCO-Stuff keeps images with unseen
-              classes and ignores their pixels.
+  train       2000 images, labels of seen classes only: 0..S-1 in seen order. With
+              unseen_in_train='ignored' the images contain every class and unseen pixels
+              are 255 (ignored), as COCO-Stuff keeps images with unseen classes; with
+              'absent' (the default) they are drawn from the seen classes only.
   val_all     the validation images with all classes: seen 0..S-1 then unseen S..K-1
               (the official COCO "all" order).
   val_seen    the same images, seen classes 0..S-1, unseen pixels 255.
@@ -63,6 +65,7 @@ UNSEEN = {
             'carpet'),
 }
 SPLITS_WRITTEN = ('train', 'val_all', 'val_seen', 'val_unseen')
+UNSEEN_IN_TRAIN = ('ignored', 'absent')
 _STREAMS = {'train': 1, 'val': 2, 'crop': 3}
 # Things have a 'radius' of 20-34% of the image side and there are 1-3 of them. Version 1
 # drew 1-4 things of 12-24%: at 64 px those are one res4 token or less, and even a perfect
@@ -292,9 +295,15 @@ def _random_thing_geometry(rng: np.random.Generator, size: int, scale=THING_SCAL
 # ----------------------------------------------------------------------------- scenes
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, size: int,
+                 classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """One ShapesWorld image.
 
+  Args:
+    rng: the example's generator (`example_rng`).
+    size: image side in pixels.
+    classes: the classes it may contain (default: all); it needs two stuff classes and one
+      thing among them.
   Returns:
     image uint8 [size,size,3] RGB; label uint8 [size,size] of canonical class ids
     (index into CANONICAL_CLASSES).
@@ -303,8 +312,14 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
   image = np.zeros((h, w, 3), np.float32)
   label = np.zeros((h, w), np.uint8)
   # Background: one or two stuff regions split by a wavy line.
+  allowed = set(CANONICAL_CLASSES if classes is None else classes)
+  stuff_pool = [i for i, s in enumerate(STUFF) if s in allowed]
+  thing_pool = [i for i, t in enumerate(THINGS) if t in allowed]
+  if len(stuff_pool) < 2 or not thing_pool or len(allowed) != len(stuff_pool) + len(thing_pool):
+    raise ValueError(f'render_scene: classes must be ShapesWorld classes with at least two '
+                     f'stuff and one thing class; got {sorted(allowed)}')
   n_stuff = 1 if rng.uniform() < 0.4 else 2
-  stuff_ids = rng.choice(len(STUFF), size=n_stuff, replace=False)
+  stuff_ids = [stuff_pool[i] for i in rng.choice(len(stuff_pool), size=n_stuff, replace=False)]
   region = np.zeros((h, w), bool)
   if n_stuff == 2:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
@@ -327,7 +342,7 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
   placed = []  # (visible mask of each thing so far)
   owner = np.full((h, w), -1, np.int32)
   for t in range(n_things):
-    tid = int(rng.integers(len(THINGS)))
+    tid = thing_pool[int(rng.integers(len(thing_pool)))]
     colour, shape = THINGS[tid].split(' ')
     for _ in range(10):
       cx, cy, r, angle = _random_thing_geometry(rng, size)
@@ -379,10 +394,12 @@ def example_rng(seed: int, stream: str, index: int) -> np.random.Generator:
 # ----------------------------------------------------------------------------- writing
 
 
-def _settings(seed, split, num_train, num_val, image_size, num_shards) -> dict:
+def _settings(seed, split, num_train, num_val, image_size, num_shards,
+              unseen_in_train) -> dict:
   return {'generator_version': GENERATOR_VERSION, 'seed': int(seed), 'split': split,
           'num_train': int(num_train), 'num_val': int(num_val),
-          'image_size': int(image_size), 'num_shards': int(num_shards)}
+          'image_size': int(image_size), 'num_shards': int(num_shards),
+          'unseen_in_train': unseen_in_train}
 
 
 def _existing(output_dir: str, settings: dict) -> dict | None:
@@ -407,18 +424,26 @@ def _existing(output_dir: str, settings: dict) -> dict | None:
 
 def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_train: int = 2000,
              num_val: int = 200, image_size: int = 64, num_shards: int = 4,
-             overwrite: bool = False) -> dict:
+             unseen_in_train: str = 'absent', overwrite: bool = False) -> dict:
   """Generates ShapesWorld TFRecords and dataset_info.json in output_dir; returns the info.
+
+  unseen_in_train: 'ignored' (the COCO-Stuff protocol: training images contain unseen
+  classes, whose pixels are labelled IGNORE_VALUE) or 'absent' (training images are drawn
+  from the seen classes only, so training never sees an unseen class at all). Validation
+  images contain every class either way and do not depend on this setting.
 
   Idempotent: if output_dir already holds a dataset with these settings, it is returned
   unchanged; different settings raise ValueError unless overwrite=True.
   """
   _check_split(split)
+  if unseen_in_train not in UNSEEN_IN_TRAIN:
+    raise ValueError(f'unseen_in_train must be one of {UNSEEN_IN_TRAIN}, got {unseen_in_train!r}')
   if num_train < 1 or num_val < 1 or num_shards < 1 or image_size < 16:
     raise ValueError('generate: need num_train, num_val, num_shards >= 1 and image_size >= 16 '
                      f'(got {num_train}, {num_val}, {num_shards}, {image_size})')
   output_dir = os.fspath(output_dir)
-  settings = _settings(seed, split, num_train, num_val, image_size, num_shards)
+  settings = _settings(seed, split, num_train, num_val, image_size, num_shards,
+                       unseen_in_train)
   if not overwrite:
     info = _existing(output_dir, settings)
     if info is not None:
@@ -429,13 +454,14 @@ def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_trai
     os.remove(info_path)
   start = time.time()
   splits = {}
-  streams = {'train': ('train', num_train, ('train',)),
-             'val': ('val', num_val, ('val_all', 'val_seen', 'val_unseen'))}
+  train_classes = class_names(split)[0] if unseen_in_train == 'absent' else None
+  streams = {'train': ('train', num_train, ('train',), train_classes),
+             'val': ('val', num_val, ('val_all', 'val_seen', 'val_unseen'), None)}
   luts = {s: label_lut(split, s) for s in SPLITS_WRITTEN}
-  for stream, (prefix, count, data_splits) in streams.items():
+  for stream, (prefix, count, data_splits, classes) in streams.items():
     records = {s: [] for s in data_splits}
     for i in range(count):
-      image, canon = render_scene(example_rng(seed, stream, i), image_size)
+      image, canon = render_scene(example_rng(seed, stream, i), image_size, classes)
       image_png = tfrecord.encode_png(image)
       filename = f'{prefix}_{i:06d}.png'
       for s in data_splits:
@@ -473,12 +499,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument('--num_val', type=int, default=200)
   p.add_argument('--image_size', type=int, default=64)
   p.add_argument('--num_shards', type=int, default=4)
+  p.add_argument('--unseen_in_train', default='absent', choices=UNSEEN_IN_TRAIN)
   p.add_argument('--overwrite', action='store_true')
   a = p.parse_args(argv)
   t = time.time()
   info = generate(a.output_dir, seed=a.seed, split=a.split, num_train=a.num_train,
                   num_val=a.num_val, image_size=a.image_size, num_shards=a.num_shards,
-                  overwrite=a.overwrite)
+                  unseen_in_train=a.unseen_in_train, overwrite=a.overwrite)
   seen, unseen = class_names(a.split)
   print(f'ShapesWorld ({a.split}) in {a.output_dir}: '
         + ', '.join(f'{s} {v["num_examples"]}' for s, v in info['splits'].items())

@@ -13,7 +13,7 @@ SMALL = dict(num_train=40, num_val=12, image_size=64, num_shards=2)
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('sw'))
-  info = sw.generate(out, seed=3, split='default', **SMALL)
+  info = sw.generate(out, seed=3, split='default', unseen_in_train='ignored', **SMALL)
   return out, info
 
 
@@ -63,19 +63,20 @@ def test_scene_and_crops():
 def test_determinism_and_idempotence(world, tmp_path):
   out, info = world
   again = str(tmp_path / 'again')
-  sw.generate(again, seed=3, split='default', **SMALL)
+  sw.generate(again, seed=3, split='default', unseen_in_train='ignored', **SMALL)
   files = sorted(f for f in os.listdir(out) if '.tfrecord-' in f)
   assert files == sorted(f for f in os.listdir(again) if '.tfrecord-' in f)
   for f in files:
     with open(os.path.join(out, f), 'rb') as a, open(os.path.join(again, f), 'rb') as b:
       assert a.read() == b.read(), f
   mtime = os.path.getmtime(os.path.join(again, files[0]))
-  assert sw.generate(again, seed=3, split='default', **SMALL)['generator'] == info['generator']
+  assert sw.generate(again, seed=3, split='default', unseen_in_train='ignored',
+                     **SMALL)['generator'] == info['generator']
   assert os.path.getmtime(os.path.join(again, files[0])) == mtime  # not regenerated
   with pytest.raises(ValueError, match=r"different ShapesWorld.*'seed': \(3, 4\)"):
-    sw.generate(again, seed=4, split='default', **SMALL)
+    sw.generate(again, seed=4, split='default', unseen_in_train='ignored', **SMALL)
   other = str(tmp_path / 'other')
-  sw.generate(other, seed=4, split='default', **SMALL)
+  sw.generate(other, seed=4, split='default', unseen_in_train='ignored', **SMALL)
   with open(os.path.join(out, files[0]), 'rb') as a, open(os.path.join(other, files[0]),
                                                           'rb') as b:
     assert a.read() != b.read()
@@ -106,3 +107,27 @@ def test_label_invariants(world):
     np.testing.assert_array_equal(vs['label'], np.where(la < s, la, 255))
     np.testing.assert_array_equal(vu['label'], np.where(la >= s, la - s, 255))
   assert any((a['label'] >= s).any() for a in val_all)
+
+
+def test_unseen_absent_from_training_images(tmp_path):
+  """unseen_in_train='absent': no training pixel is ignored (every class drawn is seen); the
+  validation images are byte-identical to those of the 'ignored' world."""
+  absent = str(tmp_path / 'absent')
+  info = sw.generate(absent, seed=3, split='default', unseen_in_train='absent', **SMALL)
+  assert info['generator']['unseen_in_train'] == 'absent'
+  seen, _ = sw.class_names('default')
+  labels = np.stack([ex['label'] for ex in _labels(absent, 'train')])
+  assert labels.max() < len(seen)              # no 255: nothing unseen was drawn
+  assert len(np.unique(labels)) > len(seen) // 2
+  ignored = str(tmp_path / 'ignored')
+  sw.generate(ignored, seed=3, split='default', unseen_in_train='ignored', **SMALL)
+  ign = np.stack([ex['label'] for ex in _labels(ignored, 'train')])
+  assert (ign == 255).any()                    # the COCO protocol keeps unseen objects
+  for f in sorted(os.listdir(absent)):
+    if f.startswith('val_'):
+      with open(os.path.join(absent, f), 'rb') as a, open(os.path.join(ignored, f), 'rb') as b:
+        assert a.read() == b.read(), f
+  with pytest.raises(ValueError, match='unseen_in_train'):
+    sw.generate(str(tmp_path / 'bad'), unseen_in_train='sometimes', **SMALL)
+  with pytest.raises(ValueError, match='at least two stuff'):
+    sw.render_scene(sw.example_rng(0, 'train', 0), 64, ['sand', 'red star'])

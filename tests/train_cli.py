@@ -51,7 +51,8 @@ def shared_resources(tmp_path_factory) -> str:
       from zegformer_jax.models import clip
       world.generate(config.dataset.data_dir, seed=config.dataset.world_seed,
                      split=config.dataset.world_split, num_train=config.dataset.num_train,
-                     num_val=config.dataset.num_val, image_size=config.dataset.image_size)
+                     num_val=config.dataset.num_val, image_size=config.dataset.image_size,
+                     unseen_in_train=config.dataset.unseen_in_train)
       if not os.path.exists(os.path.join(config.clip.model_path, 'config.json')):
         seen, unseen = world.class_names(config.dataset.world_split)
         words = sorted({w for name in seen + unseen for w in name.replace(',', ' ').split()})

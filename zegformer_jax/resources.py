@@ -23,7 +23,8 @@ def data_dir(config, workdir: str) -> str:
       shapesworld.generate(
           path, seed=config.dataset.world_seed, split=config.dataset.world_split,
           num_train=config.dataset.num_train, num_val=config.dataset.num_val,
-          image_size=config.dataset.image_size)
+          image_size=config.dataset.image_size,
+          unseen_in_train=config.dataset.unseen_in_train)
     _barrier('shapesworld data')
     return path
   path = config.dataset.data_dir
