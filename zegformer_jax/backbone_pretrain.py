@@ -44,6 +44,7 @@ import optax
 from flax import traverse_util
 
 from zegformer_jax import convert
+from zegformer_jax import resources
 from zegformer_jax.models.resnet import FROZEN, ResNet
 
 logger = logging.getLogger(__name__)
@@ -224,11 +225,8 @@ def ensure_backbone(path: str, s: Mapping[str, Any]) -> Dict[str, Any]:
   if os.path.isfile(file):
     with open(file, encoding='utf-8') as f:
       stats = json.load(f)
-    if stats.get('settings') != json.loads(json.dumps(dict(s))):
-      have = stats.get('settings', {})
-      diff = {k: (have.get(k), v) for k, v in s.items() if have.get(k) != v}
-      raise ValueError(f'{path} holds a backbone pretrained with other settings '
-                       f'((existing, requested) = {diff}); remove it or use another workdir')
+    resources.check_settings(path, 'a backbone pretrained', stats.get('settings', {}),
+                             json.loads(json.dumps(dict(s))))
     logger.info('reusing the pretrained backbone in %s', path)
     return stats
   if os.path.isdir(path) and os.listdir(path):

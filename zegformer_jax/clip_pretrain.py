@@ -60,6 +60,7 @@ import optax
 
 from configs.common import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 from data_prep import shapesworld as sw
+from zegformer_jax import resources
 from zegformer_jax.models import clip
 
 logger = logging.getLogger(__name__)
@@ -699,11 +700,8 @@ def ensure_mini_clip(path: str, *, log_every: int = 500, **settings) -> Dict[str
     if stats is None:
       logger.warning('%s holds a CLIP without %s; reusing it as is', path, STATS_FILE)
       return {}
-    wanted, have = _settings(**settings), stats.get('settings', {})
-    if have != wanted:
-      diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
-      raise ValueError(f'{path} holds a miniature CLIP pretrained with other settings '
-                       f'((existing, requested) = {diff}); remove it or use another workdir')
+    resources.check_settings(path, 'a miniature CLIP pretrained', stats.get('settings', {}),
+                             _settings(**settings))
     logger.info('reusing the miniature CLIP in %s', path)
     return stats
   if os.path.isdir(path) and os.listdir(path):

@@ -84,6 +84,18 @@ def init_from(config, workdir: str) -> str:
   return path
 
 
+def check_settings(path: str, what: str, have: dict, wanted: dict) -> None:
+  """Raises ValueError naming every setting of `wanted` that the existing `have` differs in.
+
+  For directories made once and reused (the miniature CLIP, the pretrained backbone): reusing
+  one made with other settings would silently change the experiment.
+  """
+  if have != wanted:
+    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    raise ValueError(f'{path} holds {what} with other settings ((existing, requested) = '
+                     f'{diff}); remove it or use another workdir')
+
+
 def _barrier(name: str):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
