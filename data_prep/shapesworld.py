@@ -311,13 +311,13 @@ def render_scene(rng: np.random.Generator, size: int,
   h = w = size
   image = np.zeros((h, w, 3), np.float32)
   label = np.zeros((h, w), np.uint8)
-  # Background: one or two stuff regions split by a wavy line.
   allowed = set(CANONICAL_CLASSES if classes is None else classes)
   stuff_pool = [i for i, s in enumerate(STUFF) if s in allowed]
   thing_pool = [i for i, t in enumerate(THINGS) if t in allowed]
   if len(stuff_pool) < 2 or not thing_pool or len(allowed) != len(stuff_pool) + len(thing_pool):
     raise ValueError(f'render_scene: classes must be ShapesWorld classes with at least two '
                      f'stuff and one thing class; got {sorted(allowed)}')
+  # Background: one or two stuff regions split by a wavy line.
   n_stuff = 1 if rng.uniform() < 0.4 else 2
   stuff_ids = [stuff_pool[i] for i in rng.choice(len(stuff_pool), size=n_stuff, replace=False)]
   region = np.zeros((h, w), bool)
@@ -437,7 +437,8 @@ def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_trai
   """
   _check_split(split)
   if unseen_in_train not in UNSEEN_IN_TRAIN:
-    raise ValueError(f'unseen_in_train must be one of {UNSEEN_IN_TRAIN}, got {unseen_in_train!r}')
+    raise ValueError(f'unseen_in_train must be one of {UNSEEN_IN_TRAIN}, '
+                     f'got {unseen_in_train!r}')
   if num_train < 1 or num_val < 1 or num_shards < 1 or image_size < 16:
     raise ValueError('generate: need num_train, num_val, num_shards >= 1 and image_size >= 16 '
                      f'(got {num_train}, {num_val}, {num_shards}, {image_size})')
