@@ -86,6 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder.num_queries = 100
   c.model.decoder.pre_norm = False
   c.model.decoder.in_feature = 'res5'       # TRANSFORMER_IN_FEATURE: res2..res5, or 'pixel_embedding' (mask features)
+  # Mask2Former's masked cross-attention (each layer reads the foreground of the previous
+  # layer's mask prediction). Not in ZegFormer/MaskFormer; off in every official config.
+  c.model.decoder.masked_attention = False
   c.model.mask_embed_layers = 3
   c.model.embed_dim = 512                   # CLIP text embedding width (semantic embedding)
   c.model.temperature = 0.01                # Eq. 1 tau; logit scale 1/tau = 100, fixed

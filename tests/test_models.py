@@ -220,33 +220,37 @@ def _np_layer_norm(x, p):
   return (x - mu) / np.sqrt(var + 1e-5) * p['scale'] + p['bias']
 
 
-def _np_mha(p, q_in, k_in, v_in, heads):
+def _np_mha(p, q_in, k_in, v_in, heads, key_mask=None):
   lin = lambda x, q: x @ q['kernel'] + q['bias']
   q, k, v = lin(q_in, p['query']), lin(k_in, p['key']), lin(v_in, p['value'])
   b, nq, d = q.shape
   dh = d // heads
   split = lambda t: t.reshape(b, t.shape[1], heads, dh).transpose(0, 2, 1, 3)
   logits = split(q) @ split(k).transpose(0, 1, 3, 2) / math.sqrt(dh)
+  if key_mask is not None:  # [b, nq, nk]; a query with no allowed key reads every key
+    allowed = key_mask | ~key_mask.any(-1, keepdims=True)
+    logits = np.where(allowed[:, None], logits, -1e30)
   wts = np.exp(logits - logits.max(-1, keepdims=True))
   wts /= wts.sum(-1, keepdims=True)
   out = (wts @ split(v)).transpose(0, 2, 1, 3).reshape(b, nq, d)
   return lin(out, p['out'])
 
 
-def _np_decoder_layer(p, tgt, memory, pos, query_pos, heads, pre_norm):
+def _np_decoder_layer(p, tgt, memory, pos, query_pos, heads, pre_norm, memory_mask=None):
   ffn = lambda x: np.maximum(x @ p['linear1']['kernel'] + p['linear1']['bias'], 0) @ (
       p['linear2']['kernel']) + p['linear2']['bias']
   if pre_norm:
     t = _np_layer_norm(tgt, p['norm1'])
     tgt = tgt + _np_mha(p['self_attn'], t + query_pos, t + query_pos, t, heads)
     t = _np_layer_norm(tgt, p['norm2'])
-    tgt = tgt + _np_mha(p['multihead_attn'], t + query_pos, memory + pos, memory, heads)
+    tgt = tgt + _np_mha(p['multihead_attn'], t + query_pos, memory + pos, memory, heads,
+                        memory_mask)
     return tgt + ffn(_np_layer_norm(tgt, p['norm3']))
   q = tgt + query_pos
   tgt = _np_layer_norm(tgt + _np_mha(p['self_attn'], q, q, tgt, heads), p['norm1'])
   tgt = _np_layer_norm(
-      tgt + _np_mha(p['multihead_attn'], tgt + query_pos, memory + pos, memory, heads),
-      p['norm2'])
+      tgt + _np_mha(p['multihead_attn'], tgt + query_pos, memory + pos, memory, heads,
+                    memory_mask), p['norm2'])
   return _np_layer_norm(tgt + ffn(tgt), p['norm3'])
 
 
@@ -278,6 +282,43 @@ def test_decoder_matches_numpy(pre_norm):
   np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-4)
   # q/k/v are separate [d, d] projections (the converter splits in_proj_weight in thirds).
   assert params['layers_0']['self_attn']['query']['kernel'].shape == (d, d)
+
+
+def test_masked_attention_decoder_matches_numpy():
+  """Mask2Former's masked cross-attention: layer i + 1 reads only the memory positions that
+  memory_mask_fn allows for layer i's segment embeddings; an all-false row reads everything."""
+  d, heads, ffn, nq, nk, layers = 16, 4, 32, 5, 12, 3
+  ks = jax.random.split(jax.random.key(5), 6)
+  tgt = jax.random.normal(ks[0], (2, nq, d))
+  memory = jax.random.normal(ks[1], (2, nk, d))
+  pos = jax.random.normal(ks[2], (1, nk, d))
+  query_pos = jax.random.normal(ks[3], (1, nq, d))
+  proj = np.asarray(jax.random.normal(ks[4], (2, d, nk)))
+
+  def mask_rule(seg, xp):  # a stand-in for "mask logit >= 0"; query 0 of image 1 gets none
+    m = xp.einsum('bqd,bdk->bqk', seg, proj) >= 0
+    return m.at[1, 0].set(False) if xp is jnp else np.where(
+        (np.arange(2)[:, None, None] == 1) & (np.arange(nq)[None, :, None] == 0), False, m)
+
+  dec = transformer.TransformerDecoder(num_layers=layers, d_model=d, num_heads=heads,
+                                       ffn_dim=ffn, dropout=0.0)
+  kw = dict(pos=pos, query_pos=query_pos, train=False)
+  params = dec.init(ks[5], tgt, memory, **kw)['params']
+  got = np.asarray(dec.apply({'params': params}, tgt, memory, **kw,
+                             memory_mask_fn=lambda seg: mask_rule(seg, jnp)))
+  plain = np.asarray(dec.apply({'params': params}, tgt, memory, **kw))
+  p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+  args = [np.asarray(a, np.float64) for a in (tgt, memory, pos, query_pos)]
+  x, want, mask, allowed = args[0], [], None, []
+  for i in range(layers):
+    x = _np_decoder_layer(p[f'layers_{i}'], x, *args[1:], heads, False, mask)
+    want.append(_np_layer_norm(x, p['norm']))
+    mask = mask_rule(want[-1], np)
+    allowed.append(mask.mean())
+  np.testing.assert_allclose(got, np.stack(want), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got[0], plain[0], rtol=1e-6, atol=1e-6)   # layer 0: unmasked
+  assert np.abs(got[1:] - plain[1:]).max() > 1e-2                      # the mask matters
+  assert all(0.2 < a < 0.8 for a in allowed), allowed                  # a real mask
 
 
 # ------------------------------------------------------------------- full (small) model
@@ -345,6 +386,42 @@ def test_small_forward_shapes_and_eq1(small):
   np.testing.assert_allclose(
       zegformer.eq1_logits(out['semantic_embeddings'], text, params['no_object_embedding']),
       out['pred_logits'], rtol=1e-6, atol=1e-5)
+
+
+def test_masked_attention_reads_previous_layer_mask_foreground():
+  """model.decoder.masked_attention: the cross-attention of layer l + 1 reads exactly the
+  memory positions where the model's own pred_masks[l] logit is >= 0 (memory is the
+  stride-4 pixel embedding in the ShapesWorld model, so no resize)."""
+  model = zegformer.build_model(_small_model_config(masked_attention=True))
+  variables = zegformer.init_variables(model, jax.random.key(0), image_hw=IMAGE_HW,
+                                       num_classes=5)
+  images = jax.random.normal(jax.random.key(1), (BATCH, *IMAGE_HW, 3))
+  text = _text(jax.random.key(2), 5, model.config.embed_dim)
+  out, inter = model.apply(
+      variables, images, text, train=False, mutable=['intermediates'],
+      capture_intermediates=lambda mdl, _: mdl.name in ('transformer', 'input_proj'))
+  inter = inter['intermediates']
+  memory = inter['input_proj']['__call__'][0]                     # [B, h, w, hidden]
+  b, h, w, hidden = memory.shape
+  masks = [np.asarray(m >= 0).reshape(b, m.shape[1], h * w) for m in out['pred_masks']]
+  assert 0.05 < np.mean(masks[0]) < 0.95                          # a real, partial mask
+  calls = iter(masks)
+  dec = model.config.decoder
+  standalone = transformer.TransformerDecoder(
+      num_layers=dec.num_layers, d_model=hidden, num_heads=dec.num_heads,
+      ffn_dim=dec.ffn_dim, dropout=dec.dropout, pre_norm=dec.pre_norm)
+  query_embed = variables['params']['query_embed']
+  want = standalone.apply(
+      {'params': variables['params']['transformer']},
+      jnp.zeros((b, dec.num_queries, hidden)), memory.reshape(b, h * w, hidden),
+      pos=transformer.position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden),
+      query_pos=query_embed[None], train=False, memory_mask_fn=lambda _: next(calls))
+  np.testing.assert_allclose(inter['transformer']['__call__'][0], want, rtol=1e-5, atol=1e-5)
+  unmasked = model.clone(config=ml_collections.FrozenConfigDict(_small_model_config()))
+  plain = unmasked.apply(variables, images, text, train=False)
+  np.testing.assert_allclose(out['pred_masks'][0], plain['pred_masks'][0], rtol=1e-5,
+                             atol=1e-5)
+  assert np.abs(out['pred_masks'][-1] - plain['pred_masks'][-1]).max() > 1e-3
 
 
 def test_k_independence_and_determinism(small):

@@ -29,7 +29,7 @@ Parameter naming (official key -> flax path, relative to `transformer`):
 Dense kernels are [in, out]: torch Linear weights convert with `w.T`.
 """
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -93,8 +93,13 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
-               train: bool) -> jax.Array:
-    """query: [B, Nq, d]; key, value: [B, Nk, d] -> [B, Nq, d]."""
+               train: bool, key_mask: jax.Array | None = None) -> jax.Array:
+    """query: [B, Nq, d]; key, value: [B, Nk, d] -> [B, Nq, d].
+
+    key_mask: optional bool [B, Nq, Nk], True where query q may attend to key k (every
+      head alike). A query that may attend to no key attends to all of them, as in
+      Mask2Former (an empty mask prediction must not produce NaN).
+    """
     d, h = self.d_model, self.num_heads
     if d % h:
       raise ValueError(f'd_model {d} is not divisible by num_heads {h}')
@@ -105,6 +110,9 @@ class MultiHeadAttention(nn.Module):
     k = proj('key')(key).reshape(*key.shape[:2], h, dh)
     v = proj('value')(value).reshape(*value.shape[:2], h, dh)
     logits = jnp.einsum('bqhc,bkhc->bhqk', q, k, preferred_element_type=jnp.float32)
+    if key_mask is not None:
+      key_mask = key_mask | ~jnp.any(key_mask, axis=-1, keepdims=True)
+      logits = jnp.where(key_mask[:, None], logits, -jnp.inf)
     weights = jax.nn.softmax(logits / math.sqrt(dh), axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout, name='attn_dropout')(weights, deterministic=not train)
     out = jnp.einsum('bhqk,bkhc->bqhc', weights, v).reshape(*query.shape[:2], d)
@@ -128,8 +136,12 @@ class TransformerDecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, *, pos: jax.Array,
-               query_pos: jax.Array, train: bool) -> jax.Array:
+               query_pos: jax.Array, train: bool,
+               memory_mask: jax.Array | None = None) -> jax.Array:
     """tgt: [B, Q, d]; memory: [B, N, d]; pos: [B or 1, N, d]; query_pos: [B or 1, Q, d].
+
+    memory_mask: optional bool [B, Q, N], the memory positions each query's
+      cross-attention may read (see MultiHeadAttention); None reads all.
 
     Returns:
       [B, Q, d].
@@ -154,13 +166,13 @@ class TransformerDecoderLayer(nn.Module):
       tgt = tgt + drop('dropout1')(self_attn(q, q, t, train=train))
       t = norm2(tgt)
       tgt = tgt + drop('dropout2')(cross_attn(t + query_pos, memory + pos, memory,
-                                              train=train))
+                                              train=train, key_mask=memory_mask))
       return tgt + drop('dropout3')(ffn(norm3(tgt)))
 
     q = tgt + query_pos
     tgt = norm1(tgt + drop('dropout1')(self_attn(q, q, tgt, train=train)))
     tgt = norm2(tgt + drop('dropout2')(cross_attn(tgt + query_pos, memory + pos, memory,
-                                                  train=train)))
+                                                  train=train, key_mask=memory_mask)))
     return norm3(tgt + drop('dropout3')(ffn(tgt)))
 
 
@@ -180,8 +192,14 @@ class TransformerDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, *, pos: jax.Array,
-               query_pos: jax.Array, train: bool) -> jax.Array:
+               query_pos: jax.Array, train: bool,
+               memory_mask_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """tgt: [B, Q, d]; memory: [B, N, d]; pos: [B or 1, N, d]; query_pos: [B or 1, Q, d].
+
+    memory_mask_fn: optional masked attention (Mask2Former, Cheng et al. 2022): maps the
+      segment embeddings [B, Q, d] of layer i to a bool [B, Q, N] memory mask (the
+      foreground of that layer's mask prediction) for the cross-attention of layer i + 1.
+      The first layer reads the whole memory. None: DETR/MaskFormer, no mask anywhere.
 
     Returns:
       segment embeddings of every layer, [num_layers, B, Q, d] (index -1: last layer).
@@ -189,9 +207,13 @@ class TransformerDecoder(nn.Module):
     final_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')
     outputs = []
     x = tgt
+    memory_mask = None
     for i in range(self.num_layers):
       x = TransformerDecoderLayer(self.d_model, self.num_heads, self.ffn_dim, self.dropout,
                                   self.pre_norm, dtype=self.dtype, name=f'layers_{i}')(
-                                      x, memory, pos=pos, query_pos=query_pos, train=train)
+                                      x, memory, pos=pos, query_pos=query_pos, train=train,
+                                      memory_mask=memory_mask)
       outputs.append(final_norm(x))
+      if memory_mask_fn is not None:
+        memory_mask = memory_mask_fn(outputs[-1])
     return jnp.stack(outputs)

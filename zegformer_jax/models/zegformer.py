@@ -139,16 +139,27 @@ class ZegFormer(nn.Module):
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
                              (dec.num_queries, hidden), jnp.float32)
     tgt = jnp.zeros((b, dec.num_queries, hidden), dtype)
+    mask_embed = MLP(hidden, cfg.pixel_decoder.mask_dim, cfg.mask_embed_layers, dtype=dtype,
+                     name='mask_embed')
+
+    def memory_mask(seg: jax.Array) -> jax.Array:
+      """Mask2Former's attention mask: [B, Q, hidden] -> bool [B, Q, h*w], mask logit >= 0."""
+      logits = jnp.einsum('bqc,bhwc->bqhw', mask_embed(seg), mask_features.astype(dtype),
+                          preferred_element_type=jnp.float32)
+      if logits.shape[2:] != (h, w):  # memory coarser than the mask features (a res level)
+        logits = jax.image.resize(logits, logits.shape[:2] + (h, w), 'bilinear')
+      return jax.lax.stop_gradient(logits >= 0).reshape(b, -1, h * w)
+
     segment_embeddings = TransformerDecoder(
         num_layers=dec.num_layers, d_model=hidden, num_heads=dec.num_heads,
         ffn_dim=dec.ffn_dim, dropout=dec.dropout, pre_norm=dec.pre_norm, dtype=dtype,
         name='transformer')(tgt, memory, pos=pos, query_pos=query_embed[None].astype(dtype),
-                            train=train)                        # [L, B, Q, hidden]
+                            train=train,
+                            memory_mask_fn=memory_mask if dec.get('masked_attention', False)
+                            else None)                          # [L, B, Q, hidden]
 
     # Mask embeddings -> per-pixel mask logits against the stride-4 mask features.
-    mask_embeddings = MLP(hidden, cfg.pixel_decoder.mask_dim, cfg.mask_embed_layers,
-                          dtype=dtype, name='mask_embed')(segment_embeddings)
-    pred_masks = jnp.einsum('lbqc,bhwc->lbqhw', mask_embeddings,
+    pred_masks = jnp.einsum('lbqc,bhwc->lbqhw', mask_embed(segment_embeddings),
                             mask_features.astype(dtype), preferred_element_type=jnp.float32)
 
     semantic = torch_linear(cfg.embed_dim, hidden, dtype, 'semantic_proj')(segment_embeddings)
