@@ -1,7 +1,7 @@
 r"""ShapesWorld: a procedurally generated zero-shot segmentation world (ARCHITECTURE.md).
 
   python -m data_prep.shapesworld --output_dir DIR [--seed 0] [--split default] \
-      [--num_train 2000] [--num_val 200] [--image_size 64] [--num_shards 4] \
+      [--num_train 8000] [--num_val 200] [--image_size 64] [--num_shards 4] \
       [--unseen_in_train absent|ignored]
 
 Each image has one or two background "stuff" regions (procedural textures: sand, water,
@@ -14,7 +14,7 @@ Classes (canonical order: 24 things colour-major, then 8 stuff) are split into s
 unseen by the named split ('default' or 'alt', `UNSEEN`); every colour and every shape still
 occurs among the seen classes. Splits written to DIR (one dataset_info.json describes all):
 
-  train       2000 images, labels of seen classes only: 0..S-1 in seen order. With
+  train       8000 images, labels of seen classes only: 0..S-1 in seen order. With
               unseen_in_train='ignored' the images contain every class and unseen pixels
               are 255 (ignored), as COCO-Stuff keeps images with unseen classes; with
               'absent' (the default) they are drawn from the seen classes only.
@@ -422,7 +422,7 @@ def _existing(output_dir: str, settings: dict) -> dict | None:
   return info
 
 
-def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_train: int = 2000,
+def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_train: int = 8000,
              num_val: int = 200, image_size: int = 64, num_shards: int = 4,
              unseen_in_train: str = 'absent', overwrite: bool = False) -> dict:
   """Generates ShapesWorld TFRecords and dataset_info.json in output_dir; returns the info.
@@ -496,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument('--output_dir', required=True)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--split', default='default', choices=sorted(UNSEEN))
-  p.add_argument('--num_train', type=int, default=2000)
+  p.add_argument('--num_train', type=int, default=8000)
   p.add_argument('--num_val', type=int, default=200)
   p.add_argument('--image_size', type=int, default=64)
   p.add_argument('--num_shards', type=int, default=4)

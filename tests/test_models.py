@@ -417,7 +417,8 @@ def test_masked_attention_reads_previous_layer_mask_foreground():
       pos=transformer.position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden),
       query_pos=query_embed[None], train=False, memory_mask_fn=lambda _: next(calls))
   np.testing.assert_allclose(inter['transformer']['__call__'][0], want, rtol=1e-5, atol=1e-5)
-  unmasked = model.clone(config=ml_collections.FrozenConfigDict(_small_model_config()))
+  unmasked = model.clone(config=ml_collections.FrozenConfigDict(
+      _small_model_config(masked_attention=False)))
   plain = unmasked.apply(variables, images, text, train=False)
   np.testing.assert_allclose(out['pred_masks'][0], plain['pred_masks'][0], rtol=1e-5,
                              atol=1e-5)

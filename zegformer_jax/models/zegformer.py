@@ -8,6 +8,9 @@ against CLIP text embeddings (../shared/reference/official_zegformer.md, section
        -> input_proj (1x1 conv) -> memory;  sine position encoding of that grid -> pos
   learned queries (query_embed, as query position) + zero targets -> transformer decoder
        -> segment embeddings of every layer [L, B, Q, hidden]
+       (config.decoder.masked_attention: layer l + 1 cross-attends only to the memory
+       positions where layer l's mask logit is >= 0, Mask2Former's masked attention; off in
+       ZegFormer and in every official config)
   segment embedding -> mask_embed (3-layer MLP) -> mask embedding -> masks = <mask emb, pixel>
   segment embedding -> semantic_proj (Linear) -> L2 norm -> semantic embedding
        -> Eq. 1 logits against the class text embeddings and the no-object embedding.
