@@ -221,6 +221,7 @@ def tiny_model_config():
   c.decoder.dropout = 0.0
   c.decoder.num_queries = 6
   c.decoder.in_feature = 'res5'   # every official checkpoint's decoder reads res5
+  c.decoder.masked_attention = False   # MaskFormer's decoder, as in every official checkpoint
   c.embed_dim = 16
   return c
 
