@@ -56,8 +56,14 @@ def _override(config, key, value):
   for p in parents:
     node = node[p]
   old = node[leaf]
-  node[leaf] = type(old)(value) if not isinstance(old, (tuple, list)) else type(old)(
-      type(old[0])(v) for v in value.split(','))
+  if isinstance(old, bool):  # bool('False') is True: spell the two values out
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'--set {key}={value}: {key} is a bool; use true or false')
+    node[leaf] = value.lower() in ('true', '1')
+  elif isinstance(old, (tuple, list)):
+    node[leaf] = type(old)(type(old[0])(v) for v in value.split(','))
+  else:
+    node[leaf] = type(old)(value)
 
 
 def write_overlays(config, workdir, n):
