@@ -183,3 +183,24 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def min_sizes(base: int, lo: int, hi: int) -> tuple:
   """detectron2's MIN_SIZE_TRAIN recipe: int(x * 0.1 * base) for x in [lo, hi]."""
   return tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+  """Sets config `key` ('a.b.c') from the string `value`, typed like the existing field.
+
+  Used by `python -m zegformer_jax.demo --set key=value`. Unknown keys are errors; bools take
+  true/false/1/0 (bool('False') is True); tuples and lists take comma-separated items.
+  """
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  old = node[leaf]
+  if isinstance(old, bool):
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'--set {key}={value}: {key} is a bool; use true or false')
+    node[leaf] = value.lower() in ('true', '1')
+  elif isinstance(old, (tuple, list)):
+    node[leaf] = type(old)(type(old[0])(v) for v in value.split(','))
+  else:
+    node[leaf] = type(old)(value)

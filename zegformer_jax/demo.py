@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from configs import common
   from configs import shapesworld
   from zegformer_jax import evaluate
   from zegformer_jax import train
@@ -35,7 +36,7 @@ def main(argv):
   config = shapesworld.get_config(FLAGS.config_arg or None)
   for item in FLAGS.set:
     key, value = item.split('=', 1)
-    _override(config, key, value)
+    common.override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train(config, FLAGS.workdir)
   results = {v: evaluate.evaluate(config, FLAGS.workdir, variant=v) for v in FLAGS.variants}
@@ -47,23 +48,6 @@ def main(argv):
           f'hIoU {r["hIoU"]:.2f}  -> {os.path.join(FLAGS.workdir, f"metrics_{v}.json")}')
   if overlays:
     print(f'  overlays: {os.path.dirname(overlays[0])}/*_overlay.png')
-
-
-def _override(config, key, value):
-  """--set a.b=value with the type of the existing field (unknown keys are errors)."""
-  *parents, leaf = key.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  old = node[leaf]
-  if isinstance(old, bool):  # bool('False') is True: spell the two values out
-    if value.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'--set {key}={value}: {key} is a bool; use true or false')
-    node[leaf] = value.lower() in ('true', '1')
-  elif isinstance(old, (tuple, list)):
-    node[leaf] = type(old)(type(old[0])(v) for v in value.split(','))
-  else:
-    node[leaf] = type(old)(value)
 
 
 def write_overlays(config, workdir, n):

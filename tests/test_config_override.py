@@ -1,8 +1,8 @@
-"""`python -m zegformer_jax.demo --set key=value`: values take the type of the config field."""
+"""configs.common.override (`python -m zegformer_jax.demo --set key=value`): typed values."""
 import pytest
 
+from configs import common
 from configs import shapesworld
-from zegformer_jax import demo
 
 
 @pytest.mark.parametrize('text,want', [('False', False), ('false', False), ('0', False),
@@ -10,19 +10,19 @@ from zegformer_jax import demo
 def test_bool_fields_parse_their_spelling(text, want):
   c = shapesworld.get_config()
   c.model.decoder.masked_attention = not want
-  demo._override(c, 'model.decoder.masked_attention', text)
+  common.override(c, 'model.decoder.masked_attention', text)
   assert c.model.decoder.masked_attention is want   # bool('False') would be True
 
 
 def test_bad_bool_unknown_key_and_typed_values():
   c = shapesworld.get_config()
   with pytest.raises(ValueError, match='model.decoder.masked_attention is a bool'):
-    demo._override(c, 'model.decoder.masked_attention', 'no')
+    common.override(c, 'model.decoder.masked_attention', 'no')
   with pytest.raises((KeyError, AttributeError), match='masked_atention'):
-    demo._override(c, 'model.decoder.masked_atention', 'true')
-  demo._override(c, 'seed', '3')
-  demo._override(c, 'dataset.world_split', 'alt')
-  demo._override(c, 'input.min_size_train', '48,64')
-  demo._override(c, 'optim.lr', '2e-3')
+    common.override(c, 'model.decoder.masked_atention', 'true')
+  common.override(c, 'seed', '3')
+  common.override(c, 'dataset.world_split', 'alt')
+  common.override(c, 'input.min_size_train', '48,64')
+  common.override(c, 'optim.lr', '2e-3')
   assert (c.seed, c.dataset.world_split, c.input.min_size_train, c.optim.lr) == (
       3, 'alt', (48, 64), 0.002)
