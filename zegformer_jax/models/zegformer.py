@@ -151,7 +151,7 @@ class ZegFormer(nn.Module):
                           preferred_element_type=jnp.float32)
       if logits.shape[2:] != (h, w):  # memory coarser than the mask features (a res level)
         logits = jax.image.resize(logits, logits.shape[:2] + (h, w), 'bilinear')
-      return jax.lax.stop_gradient(logits >= 0).reshape(b, -1, h * w)
+      return (logits >= 0).reshape(b, -1, h * w)  # a comparison: no gradient flows back
 
     segment_embeddings = TransformerDecoder(
         num_layers=dec.num_layers, d_model=hidden, num_heads=dec.num_heads,
