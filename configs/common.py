@@ -117,8 +117,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.backbone_pretrain.batch_size = 32
   c.backbone_pretrain.lr = 2e-3
   c.backbone_pretrain.image_size = 32
-  c.backbone_pretrain.pool_per_class = 200
+  c.backbone_pretrain.task = 'classify'      # 'classify' single objects | 'dense' scenes
+  c.backbone_pretrain.pool_per_class = 200   # 'classify': pictures per class
   c.backbone_pretrain.eval_per_class = 20
+  c.backbone_pretrain.pool_scenes = 4000     # 'dense': pre-rendered scenes
+  c.backbone_pretrain.eval_scenes = 200
 
   # ---------------------------------------------------------------- loss / matching
   c.loss = ml_collections.ConfigDict()

@@ -1,27 +1,33 @@
-"""Image-level pretraining of the ResNet backbone: ShapesWorld's stand-in for ImageNet.
+"""Pretraining of the ResNet backbone: ShapesWorld's stand-in for ImageNet.
 
 Every official ZegFormer config starts its ResNet from ImageNet weights that were trained
 with batch norm and are then frozen (FrozenBN). ShapesWorld has no ImageNet, and a backbone
 trained from scratch inside the segmentation model learns colour long before shape (the
 probe in BENCHMARKS.md). So, before ZegFormer trains, `make demo` gives the same ResNet
-(config.model.backbone) an ImageNet-like start:
+(config.model.backbone) a pretrained start, with one of two tasks (backbone_pretrain.task):
 
-- data: single-object pictures of the SEEN classes only (data_prep.shapesworld
-  render_class_crop: a thing on a grey or textured ground, or a stuff texture), rendered
-  once into a class-balanced pool. Unseen classes never reach the backbone as labels;
-  their colours and shapes do occur among the seen classes, as ImageNet's do for COCO.
-- model: the ResNet with BatchNorm on batch statistics (norm 'BN'), global average pool
-  of res5, one Dense classifier; softmax cross-entropy, AdamW with warm-up and cosine
-  decay, random flips and shifts; one jitted step.
+- 'classify' (image level, as ImageNet): single-object pictures of the SEEN classes
+  (data_prep.shapesworld render_class_crop: a thing on a grey or textured ground, or a
+  stuff texture), rendered once into a class-balanced pool; global average pool of res5,
+  one Dense classifier.
+- 'dense' (pixel level): scenes holding only SEEN classes (render_scene), rendered once into
+  a pool; a semantic-FPN-style head over res2..res5 (DenseClassifier) and per-pixel
+  cross-entropy. Knowing a shape from a single centred object does not carry over to the
+  scenes' occluding objects read at stride 4 (BENCHMARKS.md); this task teaches it there.
+  The head is dropped afterwards, as the classifier is.
+- Either way unseen classes never reach the backbone as labels; their colours and shapes
+  do occur among the seen classes, as ImageNet's do for COCO. The ResNet runs with
+  BatchNorm on batch statistics (norm 'BN'); softmax cross-entropy, AdamW with warm-up and
+  cosine decay, random flips and shifts (labels moved with the pixels); one jitted step.
 - folding: BN's scale/bias (params) and running mean/var (batch_stats) become the FrozenBN
   variables of the same names (`fold_batch_norm`), exactly as detectron2 turns an ImageNet
-  BN checkpoint into FrozenBN. Held-out accuracy is measured through the FOLDED network,
-  so a wrong fold shows up in the statistics.
+  BN checkpoint into FrozenBN. Held-out accuracy (per picture, or per pixel) is measured
+  through the FOLDED network, so a wrong fold shows up in the statistics.
 - output: a `zegformer_jax.convert` directory (convert_meta.json + params/, covers
   params/backbone and frozen/backbone) that `--config.train.init_from` loads like an
-  ImageNet ResNet conversion; the classifier head is not kept. Assembled beside the
-  target and renamed into place, so a directory is complete or absent;
-  `ensure_backbone` reuses a complete one made with the same settings.
+  ImageNet ResNet conversion; the head is not kept. Assembled beside the target and
+  renamed into place, so a directory is complete or absent; `ensure_backbone` reuses a
+  complete one made with the same settings.
 
   python -m zegformer_jax.backbone_pretrain --output_dir DIR [--split default] [--seed 0]
 """
@@ -50,6 +56,7 @@ from zegformer_jax.models.resnet import FROZEN, ResNet
 logger = logging.getLogger(__name__)
 
 SOURCE_FORMAT = 'shapesworld-pretrain'
+TASKS = ('classify', 'dense')
 STATS_FILE = 'pretrain_stats.json'
 COVERS = ('params/backbone', 'frozen/backbone')
 _STREAM_TRAIN, _STREAM_EVAL = 11, 12   # example_rng seeds, apart from the CLIP's streams
@@ -64,11 +71,46 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, 3] normalised images -> [B, num_classes] logits."""
-    b = self.backbone
-    features = ResNet(block_counts=tuple(b['block_counts']), stem_width=b['stem_width'],
-                      bottleneck=b['bottleneck'], norm=self.norm, gn_groups=b['gn_groups'],
-                      name='backbone')(x)
+    features = _resnet(self.backbone, self.norm)(x)
     return nn.Dense(self.num_classes, name='head')(features['res5'].mean(axis=(1, 2)))
+
+
+class DenseClassifier(nn.Module):
+  """ResNet -> a semantic-FPN-style head -> per-pixel class logits (task 'dense').
+
+  Every level res2..res5 goes through a 1x1 conv to `head_dim`, is bilinearly resized to
+  res2 (stride 4) and summed; ReLU, a 3x3 conv + ReLU, a 1x1 classifier, and a bilinear
+  resize to the input. The head is discarded after pretraining: only the ResNet is kept,
+  so what it learnt has to sit in the backbone's own features at every level.
+  """
+  backbone: Mapping[str, Any]
+  num_classes: int
+  norm: str = 'BN'
+  head_dim: int = 64
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, 3] normalised images -> [B, H, W, num_classes] logits."""
+    features = _resnet(self.backbone, self.norm)(x)
+    b, h, w, _ = features['res2'].shape
+    fused = 0.0
+    for level in ('res2', 'res3', 'res4', 'res5'):
+      y = nn.Conv(self.head_dim, (1, 1), name=f'lateral_{level}')(features[level])
+      fused = fused + jax.image.resize(y, (b, h, w, self.head_dim), 'bilinear')
+    y = nn.relu(nn.Conv(self.head_dim, (3, 3), name='head_conv')(nn.relu(fused)))
+    y = nn.Conv(self.num_classes, (1, 1), name='head')(y)
+    return jax.image.resize(y, (b,) + x.shape[1:3] + (self.num_classes,), 'bilinear')
+
+
+def _resnet(b: Mapping[str, Any], norm: str) -> ResNet:
+  return ResNet(block_counts=tuple(b['block_counts']), stem_width=b['stem_width'],
+                bottleneck=b['bottleneck'], norm=norm, gn_groups=b['gn_groups'],
+                name='backbone')
+
+
+def _model(s: Mapping[str, Any], num_classes: int, norm: str) -> nn.Module:
+  cls = DenseClassifier if s['task'] == 'dense' else Classifier
+  return cls(backbone=s['backbone'], num_classes=num_classes, norm=norm)
 
 
 def fold_batch_norm(params: Mapping, batch_stats: Mapping) -> Dict[Tuple[str, ...], np.ndarray]:
@@ -91,10 +133,13 @@ def fold_batch_norm(params: Mapping, batch_stats: Mapping) -> Dict[Tuple[str, ..
 def settings_from_config(config) -> Dict[str, Any]:
   """Everything that decides the pretrained backbone, as JSON values."""
   b, p = config.model.backbone, config.backbone_pretrain
+  if p.task not in TASKS:
+    raise ValueError(f'config.backbone_pretrain.task must be one of {TASKS}; got {p.task!r}')
   return dict(world_split=config.dataset.world_split, seed=int(config.seed),
-              steps=int(p.steps), batch_size=int(p.batch_size), lr=float(p.lr),
-              image_size=int(p.image_size), pool_per_class=int(p.pool_per_class),
-              eval_per_class=int(p.eval_per_class),
+              task=str(p.task), steps=int(p.steps), batch_size=int(p.batch_size),
+              lr=float(p.lr), image_size=int(p.image_size),
+              pool_per_class=int(p.pool_per_class), eval_per_class=int(p.eval_per_class),
+              pool_scenes=int(p.pool_scenes), eval_scenes=int(p.eval_scenes),
               pixel_mean=[float(v) for v in config.model.pixel_mean],
               pixel_std=[float(v) for v in config.model.pixel_std],
               backbone=dict(block_counts=[int(n) for n in b.block_counts],
@@ -115,15 +160,57 @@ def render_pool(class_names, per_class: int, *, seed: int, stream: int,
   return np.stack(images), np.asarray(labels, np.int32)
 
 
-def _augment(key: jax.Array, x: jax.Array) -> jax.Array:
-  """Random horizontal flip per image and one random shift (reflect-padded) per batch."""
+def render_scene_pool(class_names, num: int, *, seed: int, stream: int,
+                      size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(images uint8 [N, size, size, 3], labels int32 [N, size, size]) of `num` scenes.
+
+  Scenes hold only `class_names` (data_prep.shapesworld.render_scene); labels index
+  `class_names`.
+  """
+  from data_prep import shapesworld as sw
+  lut = np.full(256, -1, np.int32)
+  for i, name in enumerate(class_names):
+    lut[sw.CANONICAL_CLASSES.index(name)] = i
+  images, labels = [], []
+  for j in range(num):
+    image, label = sw.render_scene(np.random.default_rng([seed, stream, j]), size,
+                                   classes=class_names)
+    images.append(image)
+    labels.append(lut[label])
+  return np.stack(images), np.stack(labels)
+
+
+def _augment(key: jax.Array, x: jax.Array, y: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Random horizontal flip per image and one random shift (reflect-padded) per batch.
+
+  x: [B, H, W, 3] images; y: labels, [B] (left as they are) or [B, H, W] (moved with x).
+  """
   k_flip, k_shift = jax.random.split(key)
+  dense = y.ndim == 3
   flip = jax.random.bernoulli(k_flip, 0.5, (x.shape[0],))
   x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
   pad = x.shape[1] // 8
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
   dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * pad + 1)
-  return jax.lax.dynamic_slice(padded, (0, dy, dx, 0), x.shape)
+
+  def shift(a):
+    widths = ((0, 0), (pad, pad), (pad, pad)) + ((0, 0),) * (a.ndim - 3)
+    return jax.lax.dynamic_slice(jnp.pad(a, widths, mode='reflect'),
+                                 (0, dy, dx) + (0,) * (a.ndim - 3), a.shape)
+
+  x = shift(x)
+  if dense:
+    y = shift(jnp.where(flip[:, None, None], y[:, :, ::-1], y))
+  return x, y
+
+
+def _pool(s: Mapping[str, Any], seen, stream: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The task's pre-rendered pictures: single objects ('classify') or scenes ('dense')."""
+  train = stream == _STREAM_TRAIN
+  if s['task'] == 'dense':
+    return render_scene_pool(seen, s['pool_scenes'] if train else s['eval_scenes'],
+                             seed=s['seed'], stream=stream, size=s['image_size'])
+  return render_pool(seen, s['pool_per_class'] if train else s['eval_per_class'],
+                     seed=s['seed'], stream=stream, size=s['image_size'])
 
 
 def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> Dict[str, Any]:
@@ -134,12 +221,11 @@ def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> 
   seen, _ = sw.class_names(s['world_split'])
   mean = jnp.asarray(s['pixel_mean'], jnp.float32)
   std = jnp.asarray(s['pixel_std'], jnp.float32)
-  images, labels = render_pool(seen, s['pool_per_class'], seed=s['seed'],
-                               stream=_STREAM_TRAIN, size=s['image_size'])
+  images, labels = _pool(s, seen, _STREAM_TRAIN)
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   render_s = time.time() - start
 
-  model = Classifier(backbone=s['backbone'], num_classes=len(seen), norm='BN')
+  model = _model(s, len(seen), 'BN')
   variables = model.init(jax.random.key(s['seed']),
                          jnp.zeros((2, s['image_size'], s['image_size'], 3)))
   params, batch_stats = variables['params'], variables['batch_stats']
@@ -152,13 +238,14 @@ def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> 
   def step(params, batch_stats, opt_state, key):
     k_idx, k_aug = jax.random.split(key)
     idx = jax.random.randint(k_idx, (s['batch_size'],), 0, labels.shape[0])
-    x = _augment(k_aug, (images[idx].astype(jnp.float32) - mean) / std)
+    x, y = _augment(k_aug, (images[idx].astype(jnp.float32) - mean) / std, labels[idx])
 
     def loss_fn(p):
       logits, updates = model.apply({'params': p, 'batch_stats': batch_stats}, x,
                                     mutable=['batch_stats'])
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
-      return loss, (updates['batch_stats'], jnp.mean(logits.argmax(-1) == labels[idx]))
+      # Mean over pictures ('classify') or over every pixel ('dense').
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, (updates['batch_stats'], jnp.mean(logits.argmax(-1) == y))
 
     (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -178,15 +265,15 @@ def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> 
   # Held-out accuracy through the folded (FrozenBN) network: checks the fold as well.
   flat = fold_batch_norm(params, batch_stats)
   folded = traverse_util.unflatten_dict(flat)
-  eval_images, eval_labels = render_pool(seen, s['eval_per_class'], seed=s['seed'],
-                                         stream=_STREAM_EVAL, size=s['image_size'])
-  frozen_model = Classifier(backbone=s['backbone'], num_classes=len(seen), norm='FrozenBN')
+  eval_images, eval_labels = _pool(s, seen, _STREAM_EVAL)
+  frozen_model = _model(s, len(seen), 'FrozenBN')
   logits = jax.jit(frozen_model.apply)(
       {'params': folded['params'], FROZEN: folded[FROZEN]},
       (jnp.asarray(eval_images, jnp.float32) - mean) / std)
   pred = np.asarray(logits).argmax(-1)
   accuracy = float(np.mean(pred == eval_labels))
-  things = np.asarray([' ' in n and n != 'brick wall' for n in seen])[eval_labels]
+  # Accuracy per picture ('classify') or per pixel ('dense'), and on the things alone.
+  things = np.asarray([n not in sw.STUFF for n in seen])[eval_labels]
   stats = dict(settings=dict(s), classes=seen, held_out_accuracy=accuracy,
                held_out_accuracy_things=float(np.mean((pred == eval_labels)[things])),
                history=history, seconds=dict(render=round(render_s, 2),
@@ -203,7 +290,7 @@ def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> 
             'source_format': SOURCE_FORMAT, 'input': None, 'config': None,
             'covers': list(COVERS), 'absent': [], 'skipped': {}, 'ignored': [],
             'num_variables': len(backbone_only), 'clip': None,
-            'notes': ['ShapesWorld image-level pretraining (zegformer_jax.backbone_pretrain)']}
+            'notes': [f"ShapesWorld {s['task']} pretraining (zegformer_jax.backbone_pretrain)"]}
     with open(os.path.join(tmp, convert.META_NAME), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=1)
     # Written last: a directory holding this file is a finished pretraining.
