@@ -18,6 +18,8 @@ from zegformer_jax.models import zegformer
 
 def _settings(steps=30):
   c = shapesworld.get_config('smoke')
+  c.backbone_pretrain.task = 'classify'
+  c.backbone_pretrain.image_size = 32
   c.backbone_pretrain.steps = steps
   c.backbone_pretrain.batch_size = 16
   c.backbone_pretrain.pool_per_class = 4
