@@ -152,6 +152,9 @@ def test_dense_pretraining_learns_and_loads_into_zegformer(tmp_path):
                          np.asarray(v['params']['backbone']['stem']['conv1']['kernel']))
   with pytest.raises(ValueError, match='other settings.*task'):
     backbone_pretrain.ensure_backbone(path, dict(s, task='classify'))
+  # The other task's pool sizes are not part of a dense pretraining's settings.
+  c.backbone_pretrain.pool_per_class = 7
+  assert backbone_pretrain.settings_from_config(c) == s and 'pool_per_class' not in s
 
 
 def test_dense_classifier_head_shapes():

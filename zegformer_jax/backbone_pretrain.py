@@ -135,11 +135,13 @@ def settings_from_config(config) -> Dict[str, Any]:
   b, p = config.model.backbone, config.backbone_pretrain
   if p.task not in TASKS:
     raise ValueError(f'config.backbone_pretrain.task must be one of {TASKS}; got {p.task!r}')
+  # Only the task's own pool sizes: changing the other task's does not redo a pretraining.
+  pools = (dict(pool_scenes=int(p.pool_scenes), eval_scenes=int(p.eval_scenes))
+           if p.task == 'dense' else
+           dict(pool_per_class=int(p.pool_per_class), eval_per_class=int(p.eval_per_class)))
   return dict(world_split=config.dataset.world_split, seed=int(config.seed),
               task=str(p.task), steps=int(p.steps), batch_size=int(p.batch_size),
-              lr=float(p.lr), image_size=int(p.image_size),
-              pool_per_class=int(p.pool_per_class), eval_per_class=int(p.eval_per_class),
-              pool_scenes=int(p.pool_scenes), eval_scenes=int(p.eval_scenes),
+              lr=float(p.lr), image_size=int(p.image_size), **pools,
               pixel_mean=[float(v) for v in config.model.pixel_mean],
               pixel_std=[float(v) for v in config.model.pixel_std],
               backbone=dict(block_counts=[int(n) for n in b.block_counts],
