@@ -162,21 +162,20 @@ def render_pool(class_names, per_class: int, *, seed: int, stream: int,
   return np.stack(images), np.asarray(labels, np.int32)
 
 
-def render_scene_pool(class_names, num: int, *, seed: int, stream: int,
+def render_scene_pool(world_split: str, num: int, *, seed: int, stream: int,
                       size: int) -> Tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, size, size, 3], labels int32 [N, size, size]) of `num` scenes.
 
-  Scenes hold only `class_names` (data_prep.shapesworld.render_scene); labels index
-  `class_names`.
+  Scenes hold only the seen classes of `world_split` (data_prep.shapesworld.render_scene);
+  labels are their train ids, mapped by the same table the dataset writer uses (label_lut).
   """
   from data_prep import shapesworld as sw
-  lut = np.full(256, -1, np.int32)
-  for i, name in enumerate(class_names):
-    lut[sw.CANONICAL_CLASSES.index(name)] = i
+  seen, _ = sw.class_names(world_split)
+  lut = sw.label_lut(world_split, 'train').astype(np.int32)
   images, labels = [], []
   for j in range(num):
     image, label = sw.render_scene(np.random.default_rng([seed, stream, j]), size,
-                                   classes=class_names)
+                                   classes=seen)
     images.append(image)
     labels.append(lut[label])
   return np.stack(images), np.stack(labels)
@@ -209,7 +208,7 @@ def _pool(s: Mapping[str, Any], seen, stream: int) -> Tuple[np.ndarray, np.ndarr
   """The task's pre-rendered pictures: single objects ('classify') or scenes ('dense')."""
   train = stream == _STREAM_TRAIN
   if s['task'] == 'dense':
-    return render_scene_pool(seen, s['pool_scenes'] if train else s['eval_scenes'],
+    return render_scene_pool(s['world_split'], s['pool_scenes'] if train else s['eval_scenes'],
                              seed=s['seed'], stream=stream, size=s['image_size'])
   return render_pool(seen, s['pool_per_class'] if train else s['eval_per_class'],
                      seed=s['seed'], stream=stream, size=s['image_size'])
