@@ -169,6 +169,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.clip_style = 'cropmask'            # 'crop' | 'mask' | 'cropmask'
   c.eval.clip_top_k = 0                     # 0: all queries go through the image branch
   c.eval.max_images = 0                     # 0: the whole split
+  # Test-time augmentation (detectron2 TEST.AUG; zegformer_jax/tta.py), off as in every
+  # official config: () and False = the single test view at input.min_size_test.
+  c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (64, 80)
+  c.eval.aug_max_size = 0                   # TEST.AUG.MAX_SIZE; 0: input.max_size_test
+  c.eval.aug_flip = False                   # TEST.AUG.FLIP
 
   # Mode-specific options from the command line (main.py); listed so they can be overridden.
   c.predict = ml_collections.ConfigDict()

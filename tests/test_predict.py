@@ -85,3 +85,21 @@ def test_predict_end_to_end(smoke_run, tmp_path):
   assert sum(c['pixels'] for c in rec['classes']) == 50 * 90
   assert rec['classes'] == predict.shares(labels, ['red circle', 'sand', 'a thing never seen'])
   assert (out / 'x_overlay.png').exists()
+
+
+def test_eval_and_predict_with_test_time_augmentation(smoke_run, tmp_path):
+  """Multi-scale + flip views run end to end (their arithmetic: test_tta.py)."""
+  config, workdir = smoke_run
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.eval.aug_min_sizes = (56, 80)
+    config.eval.aug_flip = True
+  result = evaluate.evaluate(config, workdir, variant='seg', tag='tta')
+  assert result['test_views'] == [{'min_size': 56, 'flip': False}, {'min_size': 56, 'flip': True},
+                                  {'min_size': 80, 'flip': False}, {'min_size': 80, 'flip': True}]
+  assert result['num_images'] == config.dataset.num_val and 0 <= result['pAcc'] <= 100
+  assert os.path.exists(os.path.join(workdir, 'metrics_seg_tta.json'))
+  Image.fromarray(np.zeros((50, 90, 3), np.uint8)).save(tmp_path / 'z.png')
+  predict.run(config, workdir, images=str(tmp_path / 'z.png'), classes='sand,sky',
+              output_dir=str(tmp_path / 'out'))
+  assert np.asarray(Image.open(tmp_path / 'out' / 'z_labels.png')).shape == (50, 90)

@@ -29,6 +29,7 @@ from zegformer_jax import metrics as metrics_lib
 from zegformer_jax import preprocess
 from zegformer_jax import resources
 from zegformer_jax import sharding
+from zegformer_jax import tta
 from zegformer_jax.models import clip
 
 VARIANTS = ('seg', 'img', 'full')
@@ -73,17 +74,39 @@ def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eva
   return p_seg.at[batch_idx, top].set(new_k)
 
 
-def make_segment_fn(config, model, variant, label_hw_static, clip_model=None):
+def make_segment_fn(config, model, variant, label_hw_static, clip_model=None,
+                    view_shapes=None):
   """fn(params, frozen, batch, text, seen, clip_params, clip_text) -> pred int32 [B, Hl, Wl].
 
-  The semantic segmentation of a batch at (padded) label resolution, not jitted: the
-  evaluator and `predict` wrap it. batch holds 'image' [B, Hp, Wp, 3] (0-255),
-  'image_hw' [B, 2] and 'label_hw' [B, 2]; text is [K, D]; seen is [K] bool.
+  The semantic segmentation of a batch at (padded) label resolution: the argmax of
+  `make_scores_fn`. Not jitted: the evaluator and `predict` wrap it.
+  """
+  scores = make_scores_fn(config, model, variant, label_hw_static, clip_model, view_shapes)
+
+  def segment(*args):
+    return jnp.argmax(scores(*args), axis=1).astype(jnp.int32)
+
+  return segment
+
+
+def make_scores_fn(config, model, variant, label_hw_static, clip_model=None,
+                   view_shapes=None):
+  """fn(params, frozen, batch, text, seen, clip_params, clip_text) -> [B, K, Hl, Wl].
+
+  Calibrated (Eq. 2) per-pixel class scores at (padded) label resolution. batch holds
+  'image' [B, Hp, Wp, 3] (0-255), 'image_hw' [B, 2] and 'label_hw' [B, 2]; text is [K, D];
+  seen is [K] bool.
+
+  With test-time augmentation (config.eval.aug_min_sizes / aug_flip, `tta`) the scores of
+  every view, brought back to label resolution, are averaged (detectron2's
+  SemanticSegmentorWithTTA); view_shapes is then `tta.padded_view_shapes` of the original
+  image sizes this fn will see, and the batch also holds 'view_hw' [B, S, 2]
+  (`tta.view_sizes`).
   """
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
 
-  def segment(params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
+  def scores(params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
     images = preprocess.normalize(batch['image'], mean, std, batch['image_hw'])
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=False)
@@ -103,20 +126,51 @@ def make_segment_fn(config, model, variant, label_hw_static, clip_model=None):
     sem_seg = inference.semantic_inference(probs, mask_logits)              # [B, K, Hp, Wp]
     sem_seg = inference.postprocess(sem_seg, batch['image_hw'], batch['label_hw'],
                                     label_hw_static)
-    sem_seg = inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)        # Eq. 2
-    return jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
+    return inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)          # Eq. 2
 
-  return segment
+  if not tta.enabled(eval_cfg, config.input):
+    return scores
+
+  views = tta.views(eval_cfg, config.input)
+  max_size = tta.max_size(eval_cfg, config.input)
+  plain = (int(config.input.min_size_test), int(config.input.max_size_test))
+  if view_shapes is None or any(s not in view_shapes for s, _ in views):
+    raise ValueError(f'test-time augmentation (config.eval.aug_min_sizes '
+                     f'{tuple(eval_cfg.aug_min_sizes)}, aug_flip {eval_cfg.aug_flip}) needs '
+                     f'the static shape of every view size; got {view_shapes}')
+
+  def scores_tta(params, frozen, batch, *args):
+    total = 0.0
+    for i, size in enumerate(tta.distinct_sizes(eval_cfg, config.input)):
+      if (size, max_size) == plain:  # the batch is this view: no second resampling
+        image, image_hw = batch['image'], batch['image_hw']
+      else:
+        image_hw = batch['view_hw'][:, i]
+        image = inference.resize_valid(batch['image'], batch['image_hw'], image_hw,
+                                       view_shapes[size], spatial_axes=(1, 2),
+                                       antialias=True)
+      for _, flip in (v for v in views if v[0] == size):
+        view = dict(image=tta.flip_valid(image, image_hw[:, 1], axis=2) if flip else image,
+                    image_hw=image_hw, label_hw=batch['label_hw'])
+        sem_seg = scores(params, frozen, view, *args)
+        if flip:
+          sem_seg = tta.flip_valid(sem_seg, batch['label_hw'][:, 1], axis=3)
+        total = total + sem_seg
+    return total / len(views)
+
+  return scores_tta
 
 
-def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_model=None):
+def make_eval_step(config, model, variant, num_classes, label_hw_static, clip_model=None,
+                   view_shapes=None):
   """Jitted ((conf, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (conf, n).
 
   conf is the [K+1, K+1] confusion matrix of metrics.confusion_matrix; n counts the valid
   (non-padding) images, summed over every process by the sharded reduction. Label pixels
   beyond each label's own size hold the ignore value, so they never count.
   """
-  segment = make_segment_fn(config, model, variant, label_hw_static, clip_model)
+  segment = make_segment_fn(config, model, variant, label_hw_static, clip_model,
+                            view_shapes)
   ignore = config.dataset.ignore_value
 
   def step(acc, params, frozen, batch, *args):
@@ -161,16 +215,23 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
 
   clip_model, clip_params, clip_text = image_branch(config, workdir, class_names, variant)
 
+  view_shapes = None
+  if tta.enabled(config.eval, config.input):
+    view_shapes = tta.padded_view_shapes(
+        config.eval, config.input, input_pipeline.split_image_shapes(data_dir, split))
+
   t0 = time.time()
   acc = None
   step_fn = None
   text = sharding.replicate(text, mesh)
   seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
   for batch in input_pipeline.make_eval_batches(config, data_dir, split):
+    if view_shapes is not None:
+      batch['view_hw'] = tta.view_sizes(config.eval, config.input, batch['label_hw'])
     dev_batch = sharding.shard_batch(batch, mesh)
     if step_fn is None:
       step_fn = make_eval_step(config, model, variant, num_classes,
-                               tuple(batch['label'].shape[1:3]), clip_model)
+                               tuple(batch['label'].shape[1:3]), clip_model, view_shapes)
       acc = sharding.replicate(
           (np.zeros((num_classes + 1, num_classes + 1), np.int32), np.zeros((), np.int32)),
           mesh)
@@ -185,6 +246,8 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
       np.asarray(conf), class_names, np.asarray(seen_mask, bool), dataset=config.dataset.name,
       variant=variant, num_images=int(num_images))
   result['split'] = split
+  result['test_views'] = [{'min_size': s, 'flip': f} for s, f in tta.views(config.eval,
+                                                                           config.input)]
   result['eval_wall_s'] = round(time.time() - t0, 2)
   if jax.process_index() == 0:
     name = f'metrics_{variant}{("_" + tag) if tag else ""}.json'

@@ -157,17 +157,70 @@ def upsample_masks(mask_logits: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.nda
                           method='bilinear', antialias=False)
 
 
+def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
+                 out_shape: Tuple[int, int], spatial_axes: Tuple[int, int],
+                 antialias: bool = False) -> jnp.ndarray:
+  """Per-example bilinear resize of the valid region x[:ih, :iw] to [:oh, :ow].
+
+  `jax.image.scale_and_translate` (vmapped, scale = out_hw / in_hw per example) only clamps
+  at the edges of the *padded* array, so the padding is masked out and the result divided by
+  the resize of the validity mask (normalised convolution): the kernel weights are
+  separable, so this renormalises each output pixel's weights over the valid region exactly
+  as clamping the source coordinate at the crop edge does (torch, Pillow).
+
+  Args:
+    x: [B, ...] with two spatial axes (per example, i.e. counting the batch axis).
+    in_hw: [B, 2] int valid (h, w) of each example.
+    out_hw: [B, 2] int target (h, w), each <= out_shape.
+    out_shape: static padded (H, W) of the result.
+    spatial_axes: the (height, width) axes of x, e.g. (1, 2) for [B, H, W, C].
+    antialias: widen the kernel when shrinking (Pillow's resize), else sample as
+      torch F.interpolate(align_corners=False).
+  Returns:
+    float32 x resized; entries beyond out_hw are don't-care (finite).
+  """
+  ah, aw = (a - 1 for a in spatial_axes)  # axes within one example
+  hp, wp = x.shape[spatial_axes[0]], x.shape[spatial_axes[1]]
+  oh, ow = (int(v) for v in out_shape)
+  ex_shape = list(x.shape[1:])
+  ex_shape[ah], ex_shape[aw] = oh, ow
+
+  def one(e, ihw, ohw):
+    ihw_f = jnp.maximum(ihw.astype(jnp.float32), 1.0)
+    scale = jnp.maximum(ohw.astype(jnp.float32), 1.0) / ihw_f
+    zero1 = jnp.zeros((1,), jnp.float32)
+    valid_h = (jnp.arange(hp) < ihw[0]).astype(jnp.float32)
+    valid_w = (jnp.arange(wp) < ihw[1]).astype(jnp.float32)
+    bshape_h = [1] * e.ndim
+    bshape_h[ah] = hp
+    bshape_w = [1] * e.ndim
+    bshape_w[aw] = wp
+    e = e * valid_h.reshape(bshape_h) * valid_w.reshape(bshape_w)
+    num = jax.image.scale_and_translate(e, tuple(ex_shape), (ah, aw), scale, jnp.zeros((2,)),
+                                        method='linear', antialias=antialias)
+    den_h = jax.image.scale_and_translate(valid_h, (oh,), (0,), scale[:1], zero1,
+                                          method='linear', antialias=antialias)
+    den_w = jax.image.scale_and_translate(valid_w, (ow,), (0,), scale[1:], zero1,
+                                          method='linear', antialias=antialias)
+    dshape_h = [1] * e.ndim
+    dshape_h[ah] = oh
+    dshape_w = [1] * e.ndim
+    dshape_w[aw] = ow
+    den = den_h.reshape(dshape_h) * den_w.reshape(dshape_w)
+    # den > 0 everywhere inside (oh, ow); it is 0 only beyond it, which is don't-care.
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+  return jax.vmap(one)(x.astype(jnp.float32), jnp.asarray(in_hw, jnp.int32),
+                       jnp.asarray(out_hw, jnp.int32))
+
+
+
 def postprocess(sem_seg: jnp.ndarray, image_hw: jnp.ndarray, label_hw: jnp.ndarray,
                 out_hw: Tuple[int, int]) -> jnp.ndarray:
   """detectron2 `sem_seg_postprocess`: crop to the resized image, resize to the label size.
 
   Per image: sem_seg[:, :ih, :iw] resized bilinearly (align_corners=False, no antialias) to
-  (lh, lw), where the sizes vary per image but the output shape is static. Implemented with
-  `jax.image.scale_and_translate` (vmapped, scale = label_hw / image_hw per image). Because
-  that function only clamps at the edges of the *padded* array, the padding is masked out
-  and the result is divided by the resize of the validity mask (normalised convolution);
-  bilinear weights are separable, so this renormalises each output pixel's weights over the
-  cropped image exactly as torch's clamping at the crop edge does.
+  (lh, lw), where the sizes vary per image but the output shape is static (`resize_valid`).
 
   Args:
     sem_seg: [B, K, Hp, Wp] per-pixel scores at the padded input size.
@@ -178,28 +231,7 @@ def postprocess(sem_seg: jnp.ndarray, image_hw: jnp.ndarray, label_hw: jnp.ndarr
     [B, K, Hl, Wl] float32; entries at rows >= lh or columns >= lw are don't-care (finite;
     the labels are ignore there).
   """
-  _, k, hp, wp = sem_seg.shape
-  hl, wl = (int(v) for v in out_hw)
-
-  def one(x, ihw, lhw):
-    ihw_f = ihw.astype(jnp.float32)
-    scale = lhw.astype(jnp.float32) / ihw_f
-    zero1 = jnp.zeros((1,), jnp.float32)
-    valid_h = (jnp.arange(hp) < ihw[0]).astype(jnp.float32)
-    valid_w = (jnp.arange(wp) < ihw[1]).astype(jnp.float32)
-    x = x * valid_h[None, :, None] * valid_w[None, None, :]
-    num = jax.image.scale_and_translate(x, (k, hl, wl), (1, 2), scale, jnp.zeros((2,)),
-                                        method='linear', antialias=False)
-    den_h = jax.image.scale_and_translate(valid_h, (hl,), (0,), scale[:1], zero1,
-                                          method='linear', antialias=False)
-    den_w = jax.image.scale_and_translate(valid_w, (wl,), (0,), scale[1:], zero1,
-                                          method='linear', antialias=False)
-    den = den_h[:, None] * den_w[None, :]
-    # den >= 1/4 inside (lh, lw); it is 0 only beyond the crop, which is don't-care.
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
-
-  return jax.vmap(one)(sem_seg.astype(jnp.float32), jnp.asarray(image_hw, jnp.int32),
-                       jnp.asarray(label_hw, jnp.int32))
+  return resize_valid(sem_seg, image_hw, label_hw, out_hw, spatial_axes=(2, 3))
 
 
 # ----------------------------------------------------------------------------

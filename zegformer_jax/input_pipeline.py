@@ -202,7 +202,11 @@ def _round_up(x: int, d: int) -> int:
   return -(-x // d) * d if d > 0 else x
 
 
-def _split_image_shapes(data_dir: str, split: str, s: dict) -> list[tuple[int, int]]:
+def split_image_shapes(data_dir: str, split: str, s: dict | None = None
+                       ) -> list[tuple[int, int]]:
+  """The distinct original (height, width) of the images of `split`."""
+  if s is None:
+    s = tfrecord.split_info(tfrecord.read_dataset_info(data_dir), split, data_dir)
   if s.get('image_shapes'):
     return [tuple(int(v) for v in hw) for hw in s['image_shapes']]
   # Converters that do not record the sizes: read every record's header fields once.
@@ -226,7 +230,7 @@ def eval_shapes(config, data_dir: str, split: str) -> dict[str, tuple[int, int]]
   Hl, Wl: the largest original height and width (labels stay at original resolution).
   """
   s = tfrecord.split_info(tfrecord.read_dataset_info(data_dir), split, data_dir)
-  shapes = _split_image_shapes(data_dir, split, s)
+  shapes = split_image_shapes(data_dir, split, s)
   mn, mx = int(config.input.min_size_test), int(config.input.max_size_test)
   resized = [augment.resize_shortest_edge_shape(h, w, mn, mx) for h, w in shapes]
   div = int(config.input.size_divisibility)

@@ -24,6 +24,7 @@ from zegformer_jax import augment
 from zegformer_jax import evaluate
 from zegformer_jax import input_pipeline
 from zegformer_jax import resources
+from zegformer_jax import tta
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -149,11 +150,13 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
     padded = augment.pad_to_multiple(resized, config.input.size_divisibility, 0)
     batch = {'image': jnp.asarray(padded[None], jnp.float32),
              'image_hw': jnp.asarray([resized.shape[:2]], jnp.int32),
-             'label_hw': jnp.asarray([[h, w]], jnp.int32)}
+             'label_hw': jnp.asarray([[h, w]], jnp.int32),
+             'view_hw': tta.view_sizes(config.eval, config.input, [[h, w]])}
     key = (padded.shape, (h, w))
     if key not in compiled:  # one compilation per distinct (padded size, output size)
+      view_shapes = tta.padded_view_shapes(config.eval, config.input, [(h, w)])
       compiled[key] = jax.jit(evaluate.make_segment_fn(config, model, variant, (h, w),
-                                                       clip_model))
+                                                       clip_model, view_shapes))
     labels = np.asarray(compiled[key](state['params'], state['frozen'], batch, text, seen,
                                       clip_params, clip_text))[0]
     stem = os.path.splitext(os.path.basename(path))[0]
