@@ -73,3 +73,18 @@ def test_top_k_keeps_seg_probs_elsewhere():
     for qi in range(5):
       want = p_img[bi, qi] if qi in top else p_seg[bi, qi]
       np.testing.assert_allclose(got[bi, qi], want, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('top_k', [0, 2])
+def test_variants_together_equal_each_alone(top_k):
+  logits, masks, clip_inputs, cfg, seen, _ = _setup(top_k=top_k)
+  calls = []
+  embed = clip_inputs['embed']
+  clip_inputs = dict(clip_inputs, embed=lambda x: calls.append(1) or embed(x))
+  together = evaluate.variant_probabilities(('seg', 'img', 'full'), logits, masks, clip_inputs,
+                                            cfg, seen)
+  assert len(calls) == 1  # one pass of the image branch serves img and full
+  for v in ('seg', 'img', 'full'):
+    alone = evaluate.class_probabilities(v, logits, masks, clip_inputs, cfg, seen)
+    np.testing.assert_array_equal(np.asarray(together[v]), np.asarray(alone))
+  assert set(evaluate.variant_probabilities(('seg',), logits, masks, None, cfg, seen)) == {'seg'}

@@ -69,6 +69,17 @@ def test_eval_writes_schema(smoke_run):
   assert on_disk['mIoU'] == pytest.approx(result['mIoU'])
 
 
+def test_variants_in_one_pass_equal_separate_evaluations(smoke_run):
+  config, workdir = smoke_run
+  together = evaluate.evaluate_variants(config, workdir, ('seg', 'img', 'full'), tag='joint')
+  for v in ('seg', 'img', 'full'):
+    alone = evaluate.evaluate(config, workdir, variant=v, tag='alone')
+    assert together[v]['variant'] == v
+    assert [c['IoU'] for c in together[v]['per_class']] == [c['IoU'] for c in alone['per_class']]
+    assert together[v]['pAcc'] == alone['pAcc']
+  assert together['seg']['pAcc'] != together['img']['pAcc']  # the variants do differ
+
+
 def test_predict_end_to_end(smoke_run, tmp_path):
   config, workdir = smoke_run
   rng = np.random.default_rng(0)

@@ -147,11 +147,12 @@ def test_tta_scores_average_the_views():
   cfg = _scores_config((16, 24), True)
   view_shapes = tta.padded_view_shapes(cfg.eval, cfg.input, [tuple(h) for h in label_hw])
   test_batch['view_hw'] = tta.view_sizes(cfg.eval, cfg.input, label_hw)
-  got = np.asarray(evaluate.make_scores_fn(cfg, model, 'seg', label_static,
+  got = np.asarray(evaluate.make_scores_fn(cfg, model, ('seg',), label_static,
                                            view_shapes=view_shapes)(
-      None, None, test_batch, text, seen, None, None))
+      None, None, test_batch, text, seen, None, None)['seg'])
 
-  plain = evaluate.make_scores_fn(_scores_config((), False), model, 'seg', label_static)
+  plain_fn = evaluate.make_scores_fn(_scores_config((), False), model, ('seg',), label_static)
+  plain = lambda *a: plain_fn(*a)['seg']
   want = np.zeros_like(got)
   for size in (16, 24):
     if size == 16:
@@ -179,4 +180,4 @@ def test_tta_scores_average_the_views():
 def test_tta_without_view_shapes_is_an_error():
   cfg = _scores_config((16, 24), False)
   with pytest.raises(ValueError, match='aug_min_sizes'):
-    evaluate.make_scores_fn(cfg, _PixelModel(), 'seg', (24, 28))
+    evaluate.make_scores_fn(cfg, _PixelModel(), ('seg',), (24, 28))

@@ -4,6 +4,10 @@ r"""`make demo`: ShapesWorld end to end on CPU.
   seen classes -> evaluate ZegFormer-seg, ZegFormer-img and the fused ZegFormer on all
   classes (metrics_{seg,img,full}.json) -> prediction overlays of a few validation images.
 
+With the config's test-time augmentation on (ShapesWorld: two sizes, each flipped), the
+single-view results are written too (metrics_{seg,img,full}_single_view.json), so one run
+shows both.
+
 The first three steps are what
 
   python -m zegformer_jax.main --config configs/shapesworld.py --workdir runs/shapesworld \
@@ -32,6 +36,7 @@ def main(argv):
   from configs import shapesworld
   from zegformer_jax import evaluate
   from zegformer_jax import train
+  from zegformer_jax import tta
   t0 = time.time()
   config = shapesworld.get_config(FLAGS.config_arg or None)
   for item in FLAGS.set:
@@ -39,13 +44,24 @@ def main(argv):
     common.override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train(config, FLAGS.workdir)
-  results = {v: evaluate.evaluate(config, FLAGS.workdir, variant=v) for v in FLAGS.variants}
+  results = evaluate.evaluate_variants(config, FLAGS.workdir, FLAGS.variants)
   overlays = write_overlays(config, FLAGS.workdir, FLAGS.num_overlays)
+  single = {}
+  if tta.enabled(config.eval, config.input):
+    plain = config.copy_and_resolve_references()
+    with plain.unlocked():
+      plain.eval.aug_min_sizes, plain.eval.aug_flip, plain.eval.aug_max_size = (), False, 0
+    single = evaluate.evaluate_variants(plain, FLAGS.workdir, FLAGS.variants,
+                                        tag='single_view')
   print(f'\nShapesWorld demo finished in {time.time() - t0:.0f} s '
         f'({summary["final_step"]} steps, final loss {summary["final_loss"]:.4f})')
-  for v, r in results.items():
-    print(f'  {v:4s}  seen mIoU {r["mIoU_seen"]:.2f}  unseen mIoU {r["mIoU_unseen"]:.2f}  '
-          f'hIoU {r["hIoU"]:.2f}  -> {os.path.join(FLAGS.workdir, f"metrics_{v}.json")}')
+  for tag, res in (('', results), ('_single_view', single)):
+    for v, r in res.items():
+      views = ', '.join(f'{x["min_size"]}{" flipped" if x["flip"] else ""}'
+                        for x in r['test_views'])
+      print(f'  {v:4s}  seen mIoU {r["mIoU_seen"]:.2f}  unseen mIoU {r["mIoU_unseen"]:.2f}  '
+            f'hIoU {r["hIoU"]:.2f}  (views: {views})  '
+            f'-> {os.path.join(FLAGS.workdir, f"metrics_{v}{tag}.json")}')
   if overlays:
     print(f'  overlays: {os.path.dirname(overlays[0])}/*_overlay.png')
 

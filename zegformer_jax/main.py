@@ -104,8 +104,7 @@ def _main(argv):
       return  # checkpoint saved; exit 0 so the scheduler can requeue the same command
   if FLAGS.mode in ('eval', 'train_and_eval'):
     from zegformer_jax import evaluate
-    for variant in FLAGS.variants or [config.eval.variant]:
-      evaluate.evaluate(config, workdir, variant=variant)
+    evaluate.evaluate_variants(config, workdir, FLAGS.variants or [config.eval.variant])
   if FLAGS.mode == 'predict':
     from zegformer_jax import predict
     predict.run(config, workdir, images=FLAGS.images, classes=FLAGS.classes,

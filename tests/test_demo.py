@@ -1,0 +1,35 @@
+"""`make demo`'s entry point (zegformer_jax.demo) end to end on the smoke config."""
+import json
+import os
+import subprocess
+import sys
+
+import train_cli
+
+
+def test_demo_writes_metrics_of_both_view_sets_and_overlays(tmp_path, tmp_path_factory):
+  resources = train_cli.shared_resources(tmp_path_factory)
+  workdir = str(tmp_path / 'demo')
+  train_cli.main_args(workdir, resources)  # seeds the text-embedding cache
+  cmd = [sys.executable, '-m', 'zegformer_jax.demo', '--workdir', workdir,
+         '--config_arg', 'smoke', '--num_overlays', '1',
+         '--set', f'dataset.data_dir={resources}/data',
+         '--set', f'clip.model_path={resources}/clip',
+         '--set', 'backbone_pretrain.steps=0']
+  result = subprocess.run(cmd, cwd=train_cli.ROOT, capture_output=True, text=True,
+                          timeout=400, env=train_cli.env(train_cli.compile_cache(tmp_path_factory)))
+  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  for v in ('seg', 'img', 'full'):
+    with open(os.path.join(workdir, f'metrics_{v}.json')) as f:
+      tta_metrics = json.load(f)
+    with open(os.path.join(workdir, f'metrics_{v}_single_view.json')) as f:
+      single = json.load(f)
+    assert tta_metrics['test_views'] == [{'min_size': 64, 'flip': False},
+                                         {'min_size': 64, 'flip': True},
+                                         {'min_size': 80, 'flip': False},
+                                         {'min_size': 80, 'flip': True}]
+    assert single['test_views'] == [{'min_size': 64, 'flip': False}]
+    assert tta_metrics['num_images'] == single['num_images'] == 16
+    assert f'-> {workdir}/metrics_{v}_single_view.json' in result.stdout
+  assert '(views: 64, 64 flipped, 80, 80 flipped)' in result.stdout
+  assert os.path.exists(os.path.join(workdir, 'predict', 'val_000_overlay.png'))
