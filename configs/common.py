@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_images = 0                     # 0: the whole split
   # Test-time augmentation (detectron2 TEST.AUG; zegformer_jax/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
-  c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (64, 80)
+  c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test
   c.eval.aug_max_size = 0                   # TEST.AUG.MAX_SIZE; 0: input.max_size_test
   c.eval.aug_flip = False                   # TEST.AUG.FLIP
 
@@ -193,11 +193,22 @@ def min_sizes(base: int, lo: int, hi: int) -> tuple:
   return tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
 
 
+def _number_or_text(text: str):
+  """int, else float, else the text itself (items of a list field that is empty now)."""
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
 def override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
   """Sets config `key` ('a.b.c') from the string `value`, typed like the existing field.
 
   Used by `python -m zegformer_jax.demo --set key=value`. Unknown keys are errors; bools take
-  true/false/1/0 (bool('False') is True); tuples and lists take comma-separated items.
+  true/false/1/0 (bool('False') is True); tuples and lists take comma-separated items,
+  optionally in parentheses or brackets.
   """
   *parents, leaf = key.split('.')
   node = config
@@ -209,6 +220,7 @@ def override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
       raise ValueError(f'--set {key}={value}: {key} is a bool; use true or false')
     node[leaf] = value.lower() in ('true', '1')
   elif isinstance(old, (tuple, list)):
-    node[leaf] = type(old)(type(old[0])(v) for v in value.split(','))
+    items = [v.strip() for v in value.strip().strip('()[]').split(',') if v.strip()]
+    node[leaf] = type(old)((type(old[0]) if old else _number_or_text)(v) for v in items)
   else:
     node[leaf] = type(old)(value)

@@ -26,3 +26,15 @@ def test_bad_bool_unknown_key_and_typed_values():
   common.override(c, 'optim.lr', '2e-3')
   assert (c.seed, c.dataset.world_split, c.input.min_size_train, c.optim.lr) == (
       3, 'alt', (48, 64), 0.002)
+
+
+def test_tuple_fields_take_parentheses_and_empty_defaults():
+  c = shapesworld.get_config()
+  common.override(c, 'eval.aug_min_sizes', '(48, 96)')
+  assert c.eval.aug_min_sizes == (48, 96)
+  common.override(c, 'input.min_size_train', '[56,64]')
+  assert c.input.min_size_train == (56, 64)
+  base = common.base_config()
+  assert base.eval.aug_min_sizes == ()          # no element to take the type from
+  common.override(base, 'eval.aug_min_sizes', '512,768')
+  assert base.eval.aug_min_sizes == (512, 768)

@@ -31,8 +31,12 @@ def test_views_and_enabled():
   assert tta.views(e, i) == ((12, False), (12, True), (20, False), (20, True))
   e, i = _cfgs(max_size=50)
   assert tta.enabled(e, i) and tta.max_size(e, i) == 50
+  e, i = _cfgs(min_sizes=(0,))  # the config default: 0 is input.min_size_test
+  assert tta.views(e, i) == ((16, False),) and not tta.enabled(e, i)
+  e, i = _cfgs(min_sizes=(0, 24), flip=True)
+  assert tta.views(e, i) == ((16, False), (16, True), (24, False), (24, True))
   with pytest.raises(ValueError, match='aug_min_sizes'):
-    tta.views(*_cfgs(min_sizes=(0,)))
+    tta.views(*_cfgs(min_sizes=(-1,)))
 
 
 def test_view_sizes():

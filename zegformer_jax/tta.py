@@ -14,7 +14,8 @@ Pillow) rather than from the original; the view at input.min_size_test /
 input.max_size_test is the batch itself, unchanged. Flips mirror
 each image inside its own valid width, so padding stays on the right.
 
-config.eval.aug_min_sizes = () and aug_flip = False (the defaults) mean one plain view.
+config.eval.aug_min_sizes = () and aug_flip = False (the defaults) mean one plain view; a
+size of 0 stands for input.min_size_test.
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from zegformer_jax import augment
 
 def views(eval_cfg, input_cfg) -> tuple[tuple[int, bool], ...]:
   """The (min_size, flip) views of config.eval, plain view first when it is one of them."""
-  sizes = tuple(int(s) for s in eval_cfg.aug_min_sizes) or (int(input_cfg.min_size_test),)
-  for s in sizes:
-    if s <= 0:
-      raise ValueError(f'config.eval.aug_min_sizes must hold positive sizes; got {sizes}')
+  given = tuple(int(s) for s in eval_cfg.aug_min_sizes)
+  if any(s < 0 for s in given):
+    raise ValueError(f'config.eval.aug_min_sizes must hold sizes >= 0 (0: input.min_size_test); '
+                     f'got {given}')
+  sizes = tuple(s or int(input_cfg.min_size_test) for s in given) or (
+      int(input_cfg.min_size_test),)
   flips = (False, True) if eval_cfg.aug_flip else (False,)
   return tuple((s, f) for s in sizes for f in flips)
 
