@@ -28,7 +28,7 @@ from zegformer_jax import augment
 
 
 def views(eval_cfg, input_cfg) -> tuple[tuple[int, bool], ...]:
-  """The (min_size, flip) views of config.eval, plain view first when it is one of them."""
+  """The (min_size, flip) views of config.eval, sizes in config order, unflipped first."""
   given = tuple(int(s) for s in eval_cfg.aug_min_sizes)
   if any(s < 0 for s in given):
     raise ValueError(f'config.eval.aug_min_sizes must hold sizes >= 0 (0: input.min_size_test); '
