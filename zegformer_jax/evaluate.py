@@ -38,6 +38,15 @@ from zegformer_jax.models import clip
 VARIANTS = ('seg', 'img', 'full')
 
 
+def check_variants(variants) -> tuple:
+  """The distinct variants, in order; an unknown one is an error naming it."""
+  variants = tuple(dict.fromkeys(variants))
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f'config.eval.variant must be one of {VARIANTS}, got {v!r}')
+  return variants
+
+
 def class_probabilities(variant, pred_logits, mask_logits_full, clip_inputs, eval_cfg,
                         seen_mask):
   """Per-query class probabilities [B, Q, K] of one variant (`variant_probabilities`)."""
@@ -116,10 +125,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   image sizes this fn will see, and the batch also holds 'view_hw' [B, S, 2]
   (`tta.view_sizes`).
   """
-  variants = tuple(variants)
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f'evaluation variant must be one of {VARIANTS}, got {v!r}')
+  variants = check_variants(variants)
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
 
@@ -205,9 +211,9 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
   return jax.jit(step, donate_argnums=(0,))
 
 
-def image_branch(config, workdir, class_names, variant):
-  """(CLIP model, its params, [K, D] image-branch text embeddings), or Nones for 'seg'."""
-  if variant == 'seg':
+def image_branch(config, workdir, class_names, variants):
+  """(CLIP model, its params, [K, D] image-branch text embeddings); Nones if only 'seg'."""
+  if all(v == 'seg' for v in variants):
     return None, None, None
   from zegformer_jax import train
   clip_model, _ = clip.load_clip(resources.clip_dir(config, workdir))
@@ -230,10 +236,7 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   variants share each batch's forward pass (and the image branch, for img and full).
   """
   from zegformer_jax import train  # train imports evaluate lazily; avoid a cycle
-  variants = tuple(dict.fromkeys(variants))
-  for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f'config.eval.variant must be one of {VARIANTS}, got {v!r}')
+  variants = check_variants(variants)
   split = split or config.dataset.eval_split
   mesh = sharding.mesh_from_config(config)
   data_dir = resources.data_dir(config, workdir)
@@ -247,8 +250,7 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
     from zegformer_jax.models import zegformer
     model = zegformer.build_model(config.model)
 
-  needs_clip = 'full' if any(v != 'seg' for v in variants) else 'seg'
-  clip_model, clip_params, clip_text = image_branch(config, workdir, class_names, needs_clip)
+  clip_model, clip_params, clip_text = image_branch(config, workdir, class_names, variants)
 
   view_shapes = None
   if tta.enabled(config.eval, config.input):

@@ -231,12 +231,18 @@ def eval_shapes(config, data_dir: str, split: str) -> dict[str, tuple[int, int]]
   """
   s = tfrecord.split_info(tfrecord.read_dataset_info(data_dir), split, data_dir)
   shapes = split_image_shapes(data_dir, split, s)
-  mn, mx = int(config.input.min_size_test), int(config.input.max_size_test)
-  resized = [augment.resize_shortest_edge_shape(h, w, mn, mx) for h, w in shapes]
-  div = int(config.input.size_divisibility)
-  return {'image': (_round_up(max(r[0] for r in resized), div),
-                    _round_up(max(r[1] for r in resized), div)),
+  return {'image': padded_resized_shape(shapes, int(config.input.min_size_test),
+                                        int(config.input.max_size_test),
+                                        int(config.input.size_divisibility)),
           'label': (max(h for h, _ in shapes), max(w for _, w in shapes))}
+
+
+def padded_resized_shape(shapes, short: int, max_size: int, div: int) -> tuple[int, int]:
+  """The largest ResizeShortestEdge(short, max_size) height and width over `shapes`
+  (original (h, w) pairs), each rounded up to `div`: one static shape for all of them."""
+  resized = [augment.resize_shortest_edge_shape(h, w, short, max_size) for h, w in shapes]
+  return (_round_up(max(r[0] for r in resized), div),
+          _round_up(max(r[1] for r in resized), div))
 
 
 class _EvalTransform:

@@ -139,7 +139,7 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
   # No parameter depends on the number of classes, so any K builds the same state tree.
   model, state = train.load_latest_state(config, workdir, len(names))
   text = train.class_text_embeddings(config, workdir, names, config.clip.test_prompts)
-  clip_model, clip_params, clip_text = evaluate.image_branch(config, workdir, names, variant)
+  clip_model, clip_params, clip_text = evaluate.image_branch(config, workdir, names, (variant,))
 
   results = []
   compiled = {}

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zegformer_jax import augment
+from zegformer_jax import input_pipeline
 
 
 def views(eval_cfg, input_cfg) -> tuple[tuple[int, bool], ...]:
@@ -57,14 +58,10 @@ def padded_view_shapes(eval_cfg, input_cfg,
   The largest ResizeShortestEdge(min_size, max size) height and width over the original
   `image_shapes`, rounded up to input.size_divisibility (as `input_pipeline.eval_shapes`).
   """
-  div = int(input_cfg.size_divisibility)
-  up = lambda x: -(-x // div) * div if div > 0 else x
   mx = max_size(eval_cfg, input_cfg)
-  out = {}
-  for s, _ in views(eval_cfg, input_cfg):
-    resized = [augment.resize_shortest_edge_shape(h, w, s, mx) for h, w in image_shapes]
-    out[s] = (up(max(r[0] for r in resized)), up(max(r[1] for r in resized)))
-  return out
+  div = int(input_cfg.size_divisibility)
+  return {s: input_pipeline.padded_resized_shape(image_shapes, s, mx, div)
+          for s in distinct_sizes(eval_cfg, input_cfg)}
 
 
 def view_sizes(eval_cfg, input_cfg, label_hw: np.ndarray) -> np.ndarray:
