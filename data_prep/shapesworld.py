@@ -2,7 +2,7 @@ r"""ShapesWorld: a procedurally generated zero-shot segmentation world (ARCHITEC
 
   python -m data_prep.shapesworld --output_dir DIR [--seed 0] [--split default] \
       [--num_train 8000] [--num_val 200] [--image_size 64] [--num_shards 4] \
-      [--unseen_in_train absent|ignored]
+      [--unseen_in_train absent|ignored] [--workers N]
 
 Each image has one or two background "stuff" regions (procedural textures: sand, water,
 grass, brick wall, wood, sky, snow, carpet) and 1-3 "thing" objects (shape x colour, e.g.
@@ -24,7 +24,8 @@ occurs among the seen classes. Splits written to DIR (one dataset_info.json desc
   val_unseen  the same images, unseen classes 0..U-1, seen pixels 255.
 
 Generation is deterministic: example i of a stream (train/val) depends only on (seed, stream,
-i), so the bytes do not depend on the number of shards or on the machine's speed.
+i), so the bytes do not depend on the number of shards, on the number of processes that
+render them (`generate(workers=...)`, default: one per CPU) or on the machine's speed.
 `generate()` is idempotent: it returns the existing dataset_info when the directory already
 holds a dataset generated with the same settings and raises when the settings differ (pass
 overwrite=True to regenerate).
@@ -35,10 +36,13 @@ miniature CLIP on all classes), and `class_names(split)` returns (seen, unseen).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import math
+import multiprocessing
 import os
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -391,6 +395,62 @@ def example_rng(seed: int, stream: str, index: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), _STREAMS[stream], int(index)])
 
 
+# ----------------------------------------------------------------------------- processes
+
+# Below this many examples per process, starting processes costs more than it saves.
+_MIN_PER_WORKER = 256
+
+
+def default_workers() -> int:
+  """The CPUs this process may run on."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
+                 workers: int | None = None) -> list:
+  """[fn(x) for x in items], computed by `workers` processes (None: one per CPU).
+
+  Rendering is numpy code that holds the GIL, so threads would not help. fn must be a
+  module-level function (or a functools.partial of one) and each result must depend on
+  its item alone (every example has its own generator), so the output is the same for any
+  number of workers. With workers=None, small jobs (< _MIN_PER_WORKER items per process)
+  run in this process. The processes are spawned, so a script that ends up here needs the
+  usual `if __name__ == '__main__':` guard (as every multiprocessing program does).
+  """
+  items = list(items)
+  if workers is None:
+    workers = min(default_workers(), len(items) // _MIN_PER_WORKER)
+  workers = min(int(workers), len(items))
+  if workers <= 1:
+    return [fn(x) for x in items]
+  # spawn, not fork: the caller may run JAX, and a forked child inherits its threads' locks
+  # in whatever state they were.
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    return list(pool.map(fn, items, chunksize=max(1, len(items) // (4 * workers))))
+
+
+def render_keyed_scene(key: Sequence[int], size: int,
+                       classes: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """render_scene with the generator np.random.default_rng(key) (for parallel_map)."""
+  return render_scene(np.random.default_rng(list(key)), size, classes)
+
+
+def _example_records(index: int, *, seed: int, stream: str, image_size: int,
+                     classes: Sequence[str] | None, split: str,
+                     data_splits: Sequence[str]) -> list[bytes]:
+  """The serialised tf.train.Example of example `index` of `stream`, one per data split."""
+  image, canon = render_scene(example_rng(seed, stream, index), image_size, classes)
+  image_png = tfrecord.encode_png(image)
+  filename = f'{"train" if stream == "train" else "val"}_{index:06d}.png'
+  return [tfrecord.encode_example(
+      image=image_png, image_format='png', filename=filename, height=image_size,
+      width=image_size, label=tfrecord.encode_png(label_lut(split, s)[canon]),
+      label_format='png') for s in data_splits]
+
+
 # ----------------------------------------------------------------------------- writing
 
 
@@ -424,7 +484,8 @@ def _existing(output_dir: str, settings: dict) -> dict | None:
 
 def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_train: int = 8000,
              num_val: int = 200, image_size: int = 64, num_shards: int = 4,
-             unseen_in_train: str = 'absent', overwrite: bool = False) -> dict:
+             unseen_in_train: str = 'absent', overwrite: bool = False,
+             workers: int | None = None) -> dict:
   """Generates ShapesWorld TFRecords and dataset_info.json in output_dir; returns the info.
 
   unseen_in_train: 'ignored' (the COCO-Stuff protocol: training images contain unseen
@@ -433,7 +494,8 @@ def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_trai
   images contain every class either way and do not depend on this setting.
 
   Idempotent: if output_dir already holds a dataset with these settings, it is returned
-  unchanged; different settings raise ValueError unless overwrite=True.
+  unchanged; different settings raise ValueError unless overwrite=True. `workers`: rendering
+  processes (parallel_map; the bytes written do not depend on it).
   """
   _check_split(split)
   if unseen_in_train not in UNSEEN_IN_TRAIN:
@@ -456,19 +518,14 @@ def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_trai
   start = time.time()
   splits = {}
   train_classes = class_names(split)[0] if unseen_in_train == 'absent' else None
-  streams = {'train': ('train', num_train, ('train',), train_classes),
-             'val': ('val', num_val, ('val_all', 'val_seen', 'val_unseen'), None)}
-  luts = {s: label_lut(split, s) for s in SPLITS_WRITTEN}
-  for stream, (prefix, count, data_splits, classes) in streams.items():
-    records = {s: [] for s in data_splits}
-    for i in range(count):
-      image, canon = render_scene(example_rng(seed, stream, i), image_size, classes)
-      image_png = tfrecord.encode_png(image)
-      filename = f'{prefix}_{i:06d}.png'
-      for s in data_splits:
-        records[s].append(tfrecord.encode_example(
-            image=image_png, image_format='png', filename=filename, height=image_size,
-            width=image_size, label=tfrecord.encode_png(luts[s][canon]), label_format='png'))
+  streams = {'train': (num_train, ('train',), train_classes),
+             'val': (num_val, ('val_all', 'val_seen', 'val_unseen'), None)}
+  for stream, (count, data_splits, classes) in streams.items():
+    render = functools.partial(_example_records, seed=seed, stream=stream,
+                               image_size=image_size, classes=classes, split=split,
+                               data_splits=data_splits)
+    per_example = parallel_map(render, range(count), workers)
+    records = {s: [r[k] for r in per_example] for k, s in enumerate(data_splits)}
     for s in data_splits:
       names, seen = split_class_names(split, s)
       splits[s] = {
@@ -502,11 +559,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument('--num_shards', type=int, default=4)
   p.add_argument('--unseen_in_train', default='absent', choices=UNSEEN_IN_TRAIN)
   p.add_argument('--overwrite', action='store_true')
+  p.add_argument('--workers', type=int, default=None,
+                 help='rendering processes (default: one per CPU; the output is the same)')
   a = p.parse_args(argv)
   t = time.time()
   info = generate(a.output_dir, seed=a.seed, split=a.split, num_train=a.num_train,
                   num_val=a.num_val, image_size=a.image_size, num_shards=a.num_shards,
-                  unseen_in_train=a.unseen_in_train, overwrite=a.overwrite)
+                  unseen_in_train=a.unseen_in_train, overwrite=a.overwrite,
+                  workers=a.workers)
   seen, unseen = class_names(a.split)
   print(f'ShapesWorld ({a.split}) in {a.output_dir}: '
         + ', '.join(f'{s} {v["num_examples"]}' for s, v in info['splits'].items())

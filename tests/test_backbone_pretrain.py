@@ -105,7 +105,8 @@ def _dense_settings(steps=30):
 def test_scene_pool_labels_index_the_seen_classes():
   from data_prep import shapesworld as sw
   seen, unseen = sw.class_names('default')
-  images, labels = backbone_pretrain.render_scene_pool('default', 6, seed=3, stream=21, size=64)
+  images, labels = backbone_pretrain.render_scene_pool('default', 6, seed=3, stream=21, size=64,
+                                                       workers=2)
   assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
   assert labels.shape == (6, 64, 64) and labels.dtype == np.int32
   for j in range(6):  # the same scene rendered directly, in canonical ids

@@ -44,14 +44,15 @@ def main(argv):
     common.override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train(config, FLAGS.workdir)
-  results = evaluate.evaluate_variants(config, FLAGS.workdir, FLAGS.variants)
+  state = load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
+  results = evaluate.evaluate_variants(config, FLAGS.workdir, FLAGS.variants, state=state)
   overlays = write_overlays(config, FLAGS.workdir, FLAGS.num_overlays)
   single = {}
   if tta.enabled(config.eval, config.input):
     plain = config.copy_and_resolve_references()
     with plain.unlocked():
       plain.eval.aug_min_sizes, plain.eval.aug_flip, plain.eval.aug_max_size = (), False, 0
-    single = evaluate.evaluate_variants(plain, FLAGS.workdir, FLAGS.variants,
+    single = evaluate.evaluate_variants(plain, FLAGS.workdir, FLAGS.variants, state=state,
                                         tag='single_view')
   print(f'\nShapesWorld demo finished in {time.time() - t0:.0f} s '
         f'({summary["final_step"]} steps, final loss {summary["final_loss"]:.4f})')
@@ -64,6 +65,16 @@ def main(argv):
             f'-> {os.path.join(FLAGS.workdir, f"metrics_{v}{tag}.json")}')
   if overlays:
     print(f'  overlays: {os.path.dirname(overlays[0])}/*_overlay.png')
+
+
+def load_trained_state(config, workdir):
+  """The latest checkpoint's train state (train.load_latest_state)."""
+  from zegformer_jax import input_pipeline
+  from zegformer_jax import resources
+  from zegformer_jax import train
+  train_classes, _ = input_pipeline.dataset_classes(resources.data_dir(config, workdir),
+                                                    config.dataset.train_split)
+  return train.load_latest_state(config, workdir, len(train_classes))[1]
 
 
 def write_overlays(config, workdir, n):
