@@ -84,3 +84,40 @@ def test_poly_schedule():
   np.testing.assert_allclose(float(s(0)), 1e-4)
   np.testing.assert_allclose(float(s(50)), 1e-4 * 0.5 ** 0.9, rtol=1e-6)
   assert float(s(100)) == 0.0 and float(s(150)) == 0.0
+
+
+def test_freeze_at_stops_every_update_of_the_frozen_stages():
+  """detectron2 FREEZE_AT: frozen parameters never change (weight decay included)."""
+  cfg = common.base_config().optim
+  cfg.unlock()
+  cfg.weight_decay = 0.05
+  cfg.lr = 1e-2
+  rng = np.random.default_rng(2)
+  f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  params = {'backbone': {'stem': {'conv1': {'kernel': f(3, 3, 3, 2)}},
+                         'res2_0': {'conv1': {'kernel': f(3, 3, 2, 2)}},
+                         'res3_0': {'conv1': {'kernel': f(3, 3, 2, 2)}}},
+            'pixel_decoder': {'layer_1': {'kernel': f(3, 3, 2, 2)}}}
+  grads = jax.tree.map(lambda x: jnp.ones_like(x), params)
+  expected_frozen = {0: set(), 1: {'stem'}, 2: {'stem', 'res2_0'},
+                     3: {'stem', 'res2_0', 'res3_0'}}
+  for freeze_at, frozen in expected_frozen.items():
+    opt = optim.make_optimizer(cfg, 10, params, freeze_at=freeze_at)
+    state, p = opt.init(params), params
+    for _ in range(3):
+      updates, state = opt.update(grads, state, p)
+      p = optax.apply_updates(p, updates)
+    for name in ('stem', 'res2_0', 'res3_0'):
+      before = np.asarray(params['backbone'][name]['conv1']['kernel'])
+      after = np.asarray(p['backbone'][name]['conv1']['kernel'])
+      if name in frozen:
+        np.testing.assert_array_equal(after, before, err_msg=f'{freeze_at} {name}')
+      else:
+        assert np.abs(after - before).min() > 1e-4, (freeze_at, name)
+    assert not np.allclose(p['pixel_decoder']['layer_1']['kernel'],
+                           params['pixel_decoder']['layer_1']['kernel'])
+  d = optim.describe(params, 0.1, freeze_at=2)
+  assert d['backbone/stem/conv1/kernel'] == (0.0, True)
+  assert d['backbone/res2_0/conv1/kernel'] == (0.0, True)
+  assert d['backbone/res3_0/conv1/kernel'] == (0.1, True)
+  assert optim.is_frozen('backbone/res12_0/conv1/kernel', 2) is False

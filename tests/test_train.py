@@ -142,3 +142,36 @@ def test_checkpointer_due_and_test_pause_parsing(tmp_path, monkeypatch):
   ckpt._arm_test_pause(6)
   assert ckpt._data_handler.pause_s == 2.5
   ckpt.close()
+
+
+def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, tmp_path_factory):
+  """End to end through main: with FREEZE_AT 2 the stem and res2 never move, res3 does."""
+  resources = train_cli.shared_resources(tmp_path_factory)
+  workdir = str(tmp_path / 'frozen')
+  result = train_cli.run(
+      train_cli.main_args(workdir, resources, '--config.train.total_steps=2',
+                          '--config.train.checkpoint_every=1',
+                          '--config.model.backbone.freeze_at=2',
+                          # Large enough that weight decay alone would visibly move a
+                          # frozen weight (the gradient stops, decay did not).
+                          '--config.optim.lr=0.01', '--config.optim.weight_decay=0.5'),
+      train_cli.compile_cache(tmp_path_factory))
+  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  config = shapesworld.get_config('smoke')
+  with config.unlocked():
+    config.model.backbone.freeze_at = 2
+  model = zegformer.build_model(config.model)
+  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, 2)
+  abstract, _ = train.create_train_state(config, model, optimizer_fn, 26,
+                                         sharding.mesh_from_config(config),
+                                         jax.random.key(config.seed), abstract_only=True)
+  ckpt = checkpoints.Checkpointer(workdir, 3, 1)
+  backbone = [ckpt.restore(step, abstract)['params']['backbone'] for step in (1, 2)]
+  ckpt.close()
+  moved = {name: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                     for a, b in zip(jax.tree.leaves(backbone[0][name]),
+                                     jax.tree.leaves(backbone[1][name])))
+           for name in backbone[0]}
+  print('largest change of each backbone module between steps 1 and 2:', moved)
+  assert moved['stem'] == 0.0 and moved['res2_0'] == 0.0
+  assert moved['res3_0'] > 0.0 and moved['res5_0'] > 0.0

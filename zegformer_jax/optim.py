@@ -10,7 +10,14 @@ torch's AdamW decays decoupled from Adam and scales the decay by the (group) lea
   p <- p - lr_g * (adam_update + wd_g * p).
 The chain below computes exactly that: clip -> adam -> add wd_g * p -> scale by -lr(t) ->
 multiply the backbone's updates by the multiplier.
+
+BACKBONE.FREEZE_AT (`model.backbone.freeze_at`, 0 in every official config): detectron2
+sets requires_grad False on the stem (>= 1) and res2..res{k}, so the optimiser never
+touches them, weight decay included. Here the ResNet stops their gradients and their
+multiplier is 0, so their update (decay included) is exactly zero.
 """
+import re
+
 import optax
 import jax
 import jax.numpy as jnp
@@ -37,9 +44,26 @@ def weight_decay_mask(params):
       lambda p, _: not has_no_weight_decay(_path_str(p)), params)
 
 
-def lr_multipliers(params, backbone_multiplier: float):
+def is_frozen(path: str, freeze_at: int) -> bool:
+  """Whether FREEZE_AT = freeze_at freezes the parameter: the stem (>= 1), res2..res{k}."""
+  parts = path.split('/')
+  if freeze_at < 1 or len(parts) < 2 or not is_backbone(path):
+    return False
+  if parts[1] == 'stem':
+    return True
+  stage = re.fullmatch(r'res(\d+)_\d+', parts[1])
+  return stage is not None and int(stage.group(1)) <= freeze_at
+
+
+def lr_multiplier(path: str, backbone_multiplier: float, freeze_at: int = 0) -> float:
+  if is_frozen(path, freeze_at):
+    return 0.0
+  return backbone_multiplier if is_backbone(path) else 1.0
+
+
+def lr_multipliers(params, backbone_multiplier: float, freeze_at: int = 0):
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: backbone_multiplier if is_backbone(_path_str(p)) else 1.0, params)
+      lambda p, _: lr_multiplier(_path_str(p), backbone_multiplier, freeze_at), params)
 
 
 def poly_schedule(base_lr: float, total_steps: int, power: float) -> optax.Schedule:
@@ -63,20 +87,24 @@ def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(optim_cfg, total_steps: int, params) -> optax.GradientTransformation:
-  """AdamW as configured by `config.optim` for the parameter tree `params`."""
+def make_optimizer(optim_cfg, total_steps: int, params,
+                   freeze_at: int = 0) -> optax.GradientTransformation:
+  """AdamW as configured by `config.optim` for the parameter tree `params`.
+
+  freeze_at: `config.model.backbone.freeze_at`; its stages get no update at all.
+  """
   schedule = poly_schedule(optim_cfg.lr, total_steps, optim_cfg.poly_power)
   return optax.chain(
       optax.clip_by_global_norm(optim_cfg.clip_norm),
       optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
       optax.add_decayed_weights(optim_cfg.weight_decay, mask=weight_decay_mask(params)),
       optax.scale_by_schedule(lambda t: -schedule(t)),
-      scale_by_multipliers(lr_multipliers(params, optim_cfg.backbone_multiplier)),
+      scale_by_multipliers(lr_multipliers(params, optim_cfg.backbone_multiplier, freeze_at)),
   )
 
 
-def describe(params, backbone_multiplier: float) -> dict:
+def describe(params, backbone_multiplier: float, freeze_at: int = 0) -> dict:
   """{path: (lr multiplier, decays)} for logging and tests."""
   flat = traverse_util.flatten_dict(params, sep='/')
-  return {k: (backbone_multiplier if is_backbone(k) else 1.0, not has_no_weight_decay(k))
+  return {k: (lr_multiplier(k, backbone_multiplier, freeze_at), not has_no_weight_decay(k))
           for k in flat}

@@ -159,7 +159,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
   total_steps = config.train.total_steps
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, total_steps)
+  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, total_steps,
+                                   freeze_at=config.model.backbone.get('freeze_at', 0))
   data_iter = input_pipeline.make_train_iterator(config, data_dir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
@@ -341,7 +342,8 @@ def load_latest_state(config, workdir: str, num_classes: int):
   """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict."""
   mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, config.train.total_steps)
+  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, config.train.total_steps,
+                                   freeze_at=config.model.backbone.get('freeze_at', 0))
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
   step = ckpt.latest_step()

@@ -228,8 +228,8 @@ class ResNet(nn.Module):
     kw = dict(norm=self.norm, gn_groups=self.gn_groups, dtype=self.dtype)
     x = BasicStem(self.stem_width, name='stem', **kw)(x)
     # detectron2's BACKBONE.FREEZE_AT: no gradient reaches the stem (>= 1) and res2..res{k}
-    # (k = freeze_at), so the backward pass skips them. Their parameters must also get a
-    # zero learning rate (optim.backbone_multiplier = 0), or weight decay still moves them.
+    # (k = freeze_at), so the backward pass skips them; optim.make_optimizer gives their
+    # parameters a zero multiplier, so weight decay does not move them either.
     x = jax.lax.stop_gradient(x) if self.freeze_at >= 1 else x
     out = {}
     for i, n in enumerate(self.block_counts):
