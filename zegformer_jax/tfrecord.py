@@ -29,10 +29,10 @@ import io
 import json
 import os
 import struct
-import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from tensorflow_datasets.proto import tf_example_generated_pb2  # see _example_pb2
 
 DATASET_INFO_FILE = 'dataset_info.json'
 DATASET_INFO_VERSION = 1
@@ -393,25 +393,17 @@ def write_sharded(out_dir: str | os.PathLike, split: str, records: Sequence[byte
 # ----------------------------------------------------------------------------- tf.train.Example
 
 
-_PB2 = None
-_PB2_LOCK = threading.Lock()
-
-
 def _example_pb2():
-  """The tf.train.Example proto module, imported once under a lock.
+  """The tf.train.Example proto module (tensorflow_datasets', no TensorFlow).
 
-  Imported lazily because it pulls in parts of tensorflow_datasets (never TensorFlow). The
-  lock matters: two grain reader threads doing the first import at the same time can
-  deadlock inside tensorflow_datasets' lazy imports (functools.cached_property's lock
-  against the import lock on Python 3.11).
+  Imported with this module, in whichever thread imports it first, never on first use:
+  tensorflow_datasets imports itself inside etils' `lazy_imports()`, which swaps
+  builtins.__import__ for the whole process while it runs. An import made meanwhile by
+  another thread (an orbax restore thread, a grain reader) then gets a LazyModule instead;
+  a checkpoint restore failed that way once ("'LazyModule' object is not callable" in
+  humanize), and two reader threads importing it at once could deadlock.
   """
-  global _PB2
-  if _PB2 is None:
-    with _PB2_LOCK:
-      if _PB2 is None:
-        from tensorflow_datasets.proto import tf_example_generated_pb2  # pylint: disable=g-import-not-at-top
-        _PB2 = tf_example_generated_pb2
-  return _PB2
+  return tf_example_generated_pb2
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
