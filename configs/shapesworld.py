@@ -104,8 +104,8 @@ def get_config(arg=None):
 
   # 7000 steps after the dense pretraining (which needs the time). Fifth pass, one run
   # each, single view: 6000 steps 78.3 / 66.3 fused seen / unseen, 8000 steps 76.0 / 66.2.
-  # Four views, seeds 0 / 1 of the default split: 6000 steps 79.7 / 59.9 and 82.1 / 70.9,
-  # 7000 steps 81.4 / 66.8 and 81.1 / 69.7 (BENCHMARKS.md, sixth and seventh passes).
+  # The demo, four views: 6000 steps 79.7 / 59.9, 7000 steps 81.4 / 66.8; alt world, seed
+  # 1: 79.4 / 63.3 and 80.9 / 64.9 (BENCHMARKS.md, sixth and seventh passes).
   c.train.total_steps = 7000
   c.train.log_every = 100
   c.train.checkpoint_every = 2000
