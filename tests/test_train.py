@@ -161,8 +161,7 @@ def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, tmp_
   with config.unlocked():
     config.model.backbone.freeze_at = 2
   model = zegformer.build_model(config.model)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, 2)
-  abstract, _ = train.create_train_state(config, model, optimizer_fn, 26,
+  abstract, _ = train.create_train_state(config, model, train.make_optimizer_fn(config, 2), 26,
                                          sharding.mesh_from_config(config),
                                          jax.random.key(config.seed), abstract_only=True)
   ckpt = checkpoints.Checkpointer(workdir, 3, 1)

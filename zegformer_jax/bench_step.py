@@ -15,7 +15,6 @@ the same step time (BENCHMARKS.md gives the figure next to each demo run).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from typing import Sequence
@@ -49,15 +48,13 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
 def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
   """{'first_step_s' (compilation included), 'step_ms', 'final_loss'}."""
   import jax
-  from zegformer_jax import optim
   from zegformer_jax import sharding
   from zegformer_jax import train
   from zegformer_jax.models import zegformer
 
   mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, max(steps, 1),
-                                   freeze_at=config.model.backbone.get('freeze_at', 0))
+  optimizer_fn = train.make_optimizer_fn(config, max(steps, 1))
   state, state_sharding = train.create_train_state(config, model, optimizer_fn, num_classes,
                                                    mesh, jax.random.key(config.seed))
   step = train.make_train_step(config, model, optimizer_fn(state['params']), mesh,

@@ -52,6 +52,12 @@ def class_text_embeddings(config, workdir: str, class_names, prompt_set: str) ->
       clip.prompt_templates(prompt_set), batch_size=config.clip.text_batch_size)
 
 
+def make_optimizer_fn(config, total_steps: int):
+  """params -> the configured AdamW (optim.make_optimizer with the backbone's freeze_at)."""
+  return functools.partial(optim.make_optimizer, config.optim, total_steps,
+                           freeze_at=config.model.backbone.get('freeze_at', 0))
+
+
 def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng, *,
                        abstract_only: bool = False):
   """{'step', 'params', 'frozen', 'opt_state'} created directly with its sharding.
@@ -159,8 +165,7 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
   total_steps = config.train.total_steps
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, total_steps,
-                                   freeze_at=config.model.backbone.get('freeze_at', 0))
+  optimizer_fn = make_optimizer_fn(config, total_steps)
   data_iter = input_pipeline.make_train_iterator(config, data_dir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
@@ -342,8 +347,7 @@ def load_latest_state(config, workdir: str, num_classes: int):
   """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict."""
   mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
-  optimizer_fn = functools.partial(optim.make_optimizer, config.optim, config.train.total_steps,
-                                   freeze_at=config.model.backbone.get('freeze_at', 0))
+  optimizer_fn = make_optimizer_fn(config, config.train.total_steps)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
   step = ckpt.latest_step()
