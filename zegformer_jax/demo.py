@@ -44,7 +44,7 @@ def main(argv):
     common.override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   summary = train.train(config, FLAGS.workdir)
-  state = load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
+  _, state = evaluate.load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
   results = evaluate.evaluate_variants(config, FLAGS.workdir, FLAGS.variants, state=state)
   overlays = write_overlays(config, FLAGS.workdir, FLAGS.num_overlays)
   single = {}
@@ -65,16 +65,6 @@ def main(argv):
             f'-> {os.path.join(FLAGS.workdir, f"metrics_{v}{tag}.json")}')
   if overlays:
     print(f'  overlays: {os.path.dirname(overlays[0])}/*_overlay.png')
-
-
-def load_trained_state(config, workdir):
-  """The latest checkpoint's train state (train.load_latest_state)."""
-  from zegformer_jax import input_pipeline
-  from zegformer_jax import resources
-  from zegformer_jax import train
-  train_classes, _ = input_pipeline.dataset_classes(resources.data_dir(config, workdir),
-                                                    config.dataset.train_split)
-  return train.load_latest_state(config, workdir, len(train_classes))[1]
 
 
 def write_overlays(config, workdir, n):

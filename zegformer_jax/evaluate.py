@@ -222,6 +222,14 @@ def image_branch(config, workdir, class_names, variants):
   return clip_model, clip_model.params, clip_text
 
 
+def load_trained_state(config, workdir):
+  """(model, state) of the latest checkpoint in `workdir` (train.load_latest_state)."""
+  from zegformer_jax import train  # train imports evaluate lazily; avoid a cycle
+  train_classes, _ = input_pipeline.dataset_classes(resources.data_dir(config, workdir),
+                                                    config.dataset.train_split)
+  return train.load_latest_state(config, workdir, len(train_classes))
+
+
 def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
   """Evaluates one variant (default config.eval.variant); see `evaluate_variants`."""
   variant = variant or config.eval.variant
@@ -244,8 +252,7 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   num_classes = len(class_names)
   text = train.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
   if state is None:
-    train_classes, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
-    model, state = train.load_latest_state(config, workdir, len(train_classes))
+    model, state = load_trained_state(config, workdir)
   else:
     from zegformer_jax.models import zegformer
     model = zegformer.build_model(config.model)

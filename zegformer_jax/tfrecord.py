@@ -32,7 +32,13 @@ import struct
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from tensorflow_datasets.proto import tf_example_generated_pb2  # see _example_pb2
+# tf.train.Example as shipped by tensorflow_datasets (no TensorFlow). Imported with this
+# module, never on first use: tensorflow_datasets imports itself inside etils'
+# `lazy_imports()`, which swaps builtins.__import__ for the whole process while it runs, so
+# an import made meanwhile by another thread (an orbax restore thread, a grain reader) gets
+# a LazyModule; a checkpoint restore failed that way once ("'LazyModule' object is not
+# callable" in humanize), and two reader threads importing it at once could deadlock.
+from tensorflow_datasets.proto import tf_example_generated_pb2 as example_pb2
 
 DATASET_INFO_FILE = 'dataset_info.json'
 DATASET_INFO_VERSION = 1
@@ -393,19 +399,6 @@ def write_sharded(out_dir: str | os.PathLike, split: str, records: Sequence[byte
 # ----------------------------------------------------------------------------- tf.train.Example
 
 
-def _example_pb2():
-  """The tf.train.Example proto module (tensorflow_datasets', no TensorFlow).
-
-  Imported with this module, in whichever thread imports it first, never on first use:
-  tensorflow_datasets imports itself inside etils' `lazy_imports()`, which swaps
-  builtins.__import__ for the whole process while it runs. An import made meanwhile by
-  another thread (an orbax restore thread, a grain reader) then gets a LazyModule instead;
-  a checkpoint restore failed that way once ("'LazyModule' object is not callable" in
-  humanize), and two reader threads importing it at once could deadlock.
-  """
-  return tf_example_generated_pb2
-
-
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
   """PNG bytes of uint8 [H,W,3] RGB, uint8 [H,W] grey, or uint16 [H,W] (16-bit grey)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -423,7 +416,7 @@ def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
 def encode_example(*, image: bytes, image_format: str, filename: str, height: int, width: int,
                    label: bytes | None = None, label_format: str = 'png') -> bytes:
   """Serialized tf.train.Example with the segmentation schema (module docstring)."""
-  pb = _example_pb2()
+  pb = example_pb2
   ex = pb.Example()
   feat = ex.features.feature
   feat['image/encoded'].bytes_list.value.append(bytes(image))
@@ -442,7 +435,7 @@ def parse_example(serialized: bytes, where: str = 'record') -> dict[str, Any]:
 
   Single-valued features are unwrapped; `where` names the record in error messages.
   """
-  pb = _example_pb2()
+  pb = example_pb2
   ex = pb.Example()
   try:
     ex.ParseFromString(serialized)
