@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.num_workers = 0            # grain worker processes (0: in the main process)
   c.input.shuffle_seed = 0
   c.input.prefetch = 2
+  # MiB of decoded training examples kept in memory per process (data_source; 0: none).
+  c.input.cache_mb = 0
 
   # ---------------------------------------------------------------- device mesh
   # Mesh ('data', 'fsdp') over every device of every process (zegformer_jax/sharding.py):

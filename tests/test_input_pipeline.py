@@ -1,4 +1,6 @@
 """Augmentation, targets, data source and the grain train/eval pipelines."""
+import colorsys
+import math
 import os
 
 import numpy as np
@@ -117,6 +119,47 @@ def test_hsv_opencv_convention():
   assert err.max() <= 4 and err.mean() < 0.5  # hue is quantised to 2 degrees, as in cv2
 
 
+def _hsv_oracle(r, g, b):
+  """OpenCV's documented 8-bit RGB -> HSV for one pixel, in plain Python."""
+  v = max(r, g, b)
+  d = v - min(r, g, b)
+  s = math.floor(255 * d / v + 0.5) if v else 0
+  if d == 0:
+    h = 0.0
+  elif v == r:
+    h = 60 * (g - b) / d
+  elif v == g:
+    h = 120 + 60 * (b - r) / d
+  else:
+    h = 240 + 60 * (r - g) / d
+  h = math.floor(h / 2 + 0.5) % 180
+  return h, s, v
+
+
+def _rgb_oracle(h, s, v):
+  """The inverse (sector formula) for one 8-bit HSV pixel, via colorsys."""
+  rgb = colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)
+  return tuple(min(255, math.floor(c * 255 + 0.5)) for c in rgb)
+
+
+def test_hsv_against_scalar_oracles():
+  rng = np.random.default_rng(3)
+  rgb = rng.integers(0, 256, (3000, 3), dtype=np.uint8)
+  rgb[:200] = rgb[:200, :1]                      # greys
+  rgb[200:400, 1] = rgb[200:400, 0]              # r == g ties
+  rgb[400:600, 2] = rgb[400:600, 1]              # g == b ties
+  rgb[600:700] = [[255, 0, 0], [0, 0, 1], [1, 0, 0], [0, 1, 1]] * 25
+  hsv = augment.rgb_to_hsv_u8(rgb.reshape(100, 30, 3)).reshape(-1, 3)
+  expected = [_hsv_oracle(*map(int, px)) for px in rgb]
+  np.testing.assert_array_equal(hsv, expected)
+  hsv = np.stack([rng.integers(0, 180, 3000), rng.integers(0, 256, 3000),
+                  rng.integers(0, 256, 3000)], -1).astype(np.uint8)
+  back = augment.hsv_to_rgb_u8(hsv.reshape(50, 60, 3)).reshape(-1, 3).astype(int)
+  expected = np.asarray([_rgb_oracle(*map(int, px)) for px in hsv])
+  # float32 against float64: a value within 1e-4 of a .5 boundary may round the other way.
+  assert np.abs(back - expected).max() <= 1 and (back != expected).mean() < 0.01
+
+
 def test_test_resize_and_pad_to_multiple():
   img = np.zeros((30, 45, 3), np.uint8)
   out = augment.test_resize(img, 64, 128)
@@ -182,6 +225,44 @@ def test_data_source_rejects_out_of_range_label(tmp_path):
 
 
 # ----------------------------------------------------------------------------- pipelines
+
+
+def test_data_source_cache_of_decoded_examples(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+  recs = [tfrecord.encode_example(image=tfrecord.encode_png(im), image_format='png',
+                                  filename=f'im{i}.png', height=8, width=8,
+                                  label=tfrecord.encode_png(np.full((8, 8), i, np.uint8)))
+          for i, im in enumerate(images)]
+  shards = tfrecord.write_sharded(str(tmp_path), 'val', recs, 1)
+  tfrecord.write_dataset_info(str(tmp_path), {'ignore_value': 255, 'splits': {'val': {
+      'class_names': list('abcd'), 'seen': [True] * 4, 'num_examples': 4, 'shards': shards}}})
+  per_example = 8 * 8 * 3 + 8 * 8 * 4                 # uint8 image + int32 label
+  src, _ = data_source.open_split(str(tmp_path), 'val', cache_mb=2.5 * per_example / 2**20)
+  for i in (0, 1, 2):                                  # the third one exceeds the budget
+    ex = src[i]
+    np.testing.assert_array_equal(ex['image'], images[i])
+    assert ex['filename'] == f'im{i}.png' and ex['index'] == i
+  assert src._cached_bytes == 2 * per_example          # pylint: disable=protected-access
+  ex = src[1]
+  assert not ex['image'].flags.writeable and not ex['label'].flags.writeable
+  ex['image'] = None                                   # the returned dict is the caller's
+  assert src[1]['image'] is not None
+  # Cached records are served from memory: zeroing the file leaves them readable, while
+  # records read only now (2 was over budget, 3 never read) fail their CRC check.
+  plain, _ = data_source.open_split(str(tmp_path), 'val')   # no cache_mb: nothing is kept
+  np.testing.assert_array_equal(plain[0]['image'], images[0])
+  path = os.path.join(str(tmp_path), shards[0]['file'])
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    f.write(bytes(size))
+  np.testing.assert_array_equal(src[0]['image'], images[0])
+  np.testing.assert_array_equal(src[1]['label'], np.full((8, 8), 1))
+  for i in (2, 3):
+    with pytest.raises(tfrecord.TFRecordError):
+      src[i]
+  with pytest.raises(tfrecord.TFRecordError):
+    plain[0]
 
 
 def test_dataset_classes(data_dir):

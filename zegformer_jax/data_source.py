@@ -108,12 +108,22 @@ class SegmentationDataSource:
                'index': int (global record index)}.
   A label value that is neither < num_classes nor the ignore value raises ValueError naming
   the file and record.
+
+  With cache_mb > 0, decoded examples are kept in memory, first come first kept, until their
+  arrays fill cache_mb MiB; later reads of a kept record skip the read, both CRCs, the PNG /
+  JPEG decode and the label check (tf.data's `cache()` after decoding). A record is still
+  checked in full the first time it is read. Cached arrays are read-only, and each grain
+  worker process holds its own cache.
   """
 
-  def __init__(self, paths: Sequence[str], num_classes: int, ignore_value: int):
+  def __init__(self, paths: Sequence[str], num_classes: int, ignore_value: int,
+               cache_mb: float = 0):
     self.records = TFRecordDataSource(paths)
     self.num_classes = int(num_classes)
     self.ignore_value = int(ignore_value)
+    self.cache_bytes = int(float(cache_mb) * 2**20)
+    self._cache: dict[int, dict[str, Any]] = {}
+    self._cached_bytes = 0
 
   def __len__(self) -> int:
     return len(self.records)
@@ -123,7 +133,23 @@ class SegmentationDataSource:
             f'ignore={self.ignore_value})')
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    where = self.records.describe(int(index))
+    index = int(index)
+    hit = self._cache.get(index)
+    if hit is not None:
+      return dict(hit)
+    ex = self._decode(index)
+    size = ex['image'].nbytes + ex['label'].nbytes
+    # Under grain's reader threads two threads may decode the same record; both results are
+    # equal, and the byte count is only a budget, so no lock is needed.
+    if self._cached_bytes + size <= self.cache_bytes:
+      for a in (ex['image'], ex['label']):
+        a.flags.writeable = False
+      self._cache[index] = ex
+      self._cached_bytes += size
+    return dict(ex)
+
+  def _decode(self, index: int) -> dict[str, Any]:
+    where = self.records.describe(index)
     ex = tfrecord.decode_example(self.records[index], where)
     label = ex['label']
     if label is None:
@@ -136,18 +162,20 @@ class SegmentationDataSource:
                        f'split\'s range [0, {self.num_classes}) and not the ignore value '
                        f'{self.ignore_value}')
     return {'image': ex['image'], 'label': label, 'filename': ex['filename'],
-            'index': int(index)}
+            'index': index}
 
 
-def open_split(data_dir: str, split: str) -> tuple[SegmentationDataSource, dict]:
-  """The SegmentationDataSource of `split` in `data_dir` and the split's dataset_info entry."""
+def open_split(data_dir: str, split: str, cache_mb: float = 0
+               ) -> tuple[SegmentationDataSource, dict]:
+  """The SegmentationDataSource of `split` in `data_dir` and the split's dataset_info entry
+  (cache_mb: SegmentationDataSource's in-memory cache of decoded examples)."""
   info = tfrecord.read_dataset_info(data_dir)
   s = tfrecord.split_info(info, split, data_dir)
   paths = [os.path.join(data_dir, sh['file']) for sh in s['shards']]
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(f'split {split!r} of {data_dir}: shard files missing: {missing[:4]}')
-  src = SegmentationDataSource(paths, len(s['class_names']), s['ignore_value'])
+  src = SegmentationDataSource(paths, len(s['class_names']), s['ignore_value'], cache_mb)
   if len(src) != int(s['num_examples']):
     raise ValueError(f'split {split!r} of {data_dir}: shards hold {len(src)} records but '
                      f'dataset_info.json says {s["num_examples"]}')

@@ -158,7 +158,8 @@ def make_train_dataset(config, data_dir: str, process_index: int | None = None,
   pi, pc = _process(process_index, process_count)
   local_batch = _local_batch(int(config.input.global_batch_size), pc,
                              'input.global_batch_size')
-  source, s = data_source.open_split(data_dir, config.dataset.train_split)
+  source, s = data_source.open_split(data_dir, config.dataset.train_split,
+                                     cache_mb=config.input.cache_mb)
   if int(s['ignore_value']) != int(config.dataset.ignore_value):
     raise ValueError(f'{data_dir}: split {config.dataset.train_split!r} uses ignore value '
                      f'{s["ignore_value"]}, config.dataset.ignore_value is '
