@@ -19,8 +19,10 @@ from zegformer_jax import losses
 from zegformer_jax import matching
 
 
-def loss_cfg():
-  return common.base_config().loss
+def loss_cfg(matcher='device'):
+  cfg = common.base_config().loss
+  cfg.matcher = matcher
+  return cfg
 
 
 # ---------------------------------------------------------------- helpers
@@ -147,6 +149,48 @@ def test_hungarian_nonfinite_costs_do_not_raise():
   np.testing.assert_array_equal(res, [[1, 0]])
 
 
+def _check_assignment(res, cost, valid):
+  """Injective, valid targets only, every valid target matched, minimum total cost."""
+  q = cost.shape[1]
+  for i in range(cost.shape[0]):
+    assigned = res[i][res[i] >= 0]
+    assert len(set(assigned.tolist())) == assigned.size
+    assert valid[i][assigned].all() and assigned.size == valid[i].sum()
+    total = sum(cost[i, j, res[i, j]] for j in range(q) if res[i, j] >= 0)
+    assert math.isclose(total, brute_force(cost[i], valid[i]), abs_tol=1e-4)
+
+
+def test_hungarian_device_against_brute_force_and_scipy():
+  rng = np.random.default_rng(7)
+  solve = jax.jit(matching.hungarian_device)
+  for q, m in [(1, 1), (3, 3), (5, 3), (6, 4), (8, 5), (7, 7)]:
+    n = 12
+    valid = rng.random((n, m)) < 0.7
+    valid[0], valid[1] = True, False
+    cost = rng.normal(size=(n, q, m)).astype(np.float32)
+    res = np.asarray(solve(cost, valid))
+    assert res.dtype == np.int32 and res.shape == (n, q)
+    _check_assignment(res, cost, valid)
+    # Continuous costs have one optimum: the very assignment scipy finds.
+    np.testing.assert_array_equal(res, matching.hungarian(cost, valid))
+    # Small integer costs tie everywhere: any optimum will do.
+    ties = rng.integers(0, 3, size=(n, q, m)).astype(np.float32)
+    _check_assignment(np.asarray(solve(ties, valid)), ties, valid)
+  # Larger problems (COCO-like: 100 queries, up to 32 targets) against scipy.
+  cost = rng.normal(size=(4, 100, 32)).astype(np.float32) * 5
+  valid = rng.random((4, 32)) < 0.8
+  np.testing.assert_array_equal(np.asarray(solve(cost, valid)),
+                                matching.hungarian(cost, valid))
+
+
+def test_hungarian_device_nonfinite_and_shape_errors():
+  cost = np.array([[[np.nan, 0.0], [1.0, np.inf]]], np.float32)
+  res = matching.hungarian_device(cost, np.array([[True, True]]))
+  np.testing.assert_array_equal(np.asarray(res), [[1, 0]])
+  with pytest.raises(ValueError, match='loss.matcher="host"'):
+    matching.hungarian_device(np.zeros((1, 2, 3), np.float32), np.ones((1, 3), bool))
+
+
 # ---------------------------------------------------------------- cost
 
 
@@ -200,11 +244,12 @@ def _sharded(mesh, outputs, targets):
           {k: jax.device_put(v, bat) for k, v in targets.items()})
 
 
+@pytest.mark.parametrize('matcher', ['host', 'device'])
 @pytest.mark.parametrize('num_devices', [1, 8])
-def test_match_under_jit_with_mesh(num_devices):
+def test_match_under_jit_with_mesh(num_devices, matcher):
   assert jax.device_count() >= 8
   rng = np.random.default_rng(4)
-  cfg = loss_cfg()
+  cfg = loss_cfg(matcher)
   outputs, targets = make_batch(rng, L=3, B=8, Q=6, K=3, M=4)
   want = _numpy_matches(outputs, targets, cfg)
   mesh = Mesh(np.array(jax.devices()[:num_devices]), ('data',))
@@ -220,13 +265,20 @@ def test_match_under_jit_with_mesh(num_devices):
     assert {s.data.shape for s in got.addressable_shards} == {(3, 1, 6)}
 
 
-def test_match_without_mesh():
+@pytest.mark.parametrize('matcher', ['host', 'device'])
+def test_match_without_mesh(matcher):
   rng = np.random.default_rng(5)
-  cfg = loss_cfg()
+  cfg = loss_cfg(matcher)
   outputs, targets = make_batch(rng, L=2, B=2, Q=5, K=3, M=3)
   got = jax.jit(lambda o, t: matching.match(o, t, cfg, None))(outputs, targets)
   np.testing.assert_array_equal(np.asarray(got),
                                 _numpy_matches(outputs, targets, cfg))
+
+
+def test_match_rejects_unknown_matcher():
+  outputs, targets = make_batch(np.random.default_rng(0), L=1, B=1, Q=3, K=2, M=2)
+  with pytest.raises(ValueError, match='loss.matcher must be'):
+    matching.match(outputs, targets, loss_cfg('gpu'), None)
 
 
 def test_target_to_query():
