@@ -253,3 +253,121 @@ def test_clip_dir_pretrains_once_then_reuses(smoke_clip, monkeypatch):
     other.clip.pretrain_steps = config.clip.pretrain_steps + 1
   with pytest.raises(ValueError, match='other settings'):
     resources.clip_dir(other, workdir)
+
+
+# ------------------------------------------------------- CLIP and backbone side by side
+
+
+def _concurrent_config():
+  """The smoke config (its CLIP settings: smoke_clip's) with a tiny 'classify' backbone."""
+  config = shapesworld_config.get_config('smoke')
+  b = config.backbone_pretrain
+  b.task, b.image_size, b.steps, b.batch_size = 'classify', 32, 3, 8
+  b.pool_per_class, b.eval_per_class = 1, 1
+  return config
+
+
+def _backbone_arrays(path):
+  """{('params'|'frozen', ...): array} of a pretrained backbone directory."""
+  from flax.traverse_util import unflatten_dict
+  from zegformer_jax import convert
+  shapes = unflatten_dict({k: np.zeros(s, np.float32)
+                           for k, s in convert.checkpoint_shapes(path).items()})
+  params, frozen = convert.load_params(path, shapes['params'], shapes['frozen'])
+  return flatten_dict({'params': params, 'frozen': frozen})
+
+
+def test_concurrent_pretraining_equals_the_sequential_one(smoke_clip, tmp_path, monkeypatch):
+  from zegformer_jax import backbone_pretrain as bp
+  config = _concurrent_config()
+  workdir = str(tmp_path / 'run')
+  assert resources.pretrain_concurrently(config, workdir)
+  # (a) both artefacts are finished; nothing is left beside them.
+  assert sorted(os.listdir(workdir)) == ['backbone', 'clip']
+  assert cp.is_complete(os.path.join(workdir, 'clip'))
+  assert os.path.isfile(os.path.join(workdir, 'backbone', bp.STATS_FILE))
+  # (b) the child's CLIP is byte for byte the one clip_dir pretrains in this process.
+  _, sequential, _ = smoke_clip
+  for name in (clip.FLAX_WEIGHTS_NAME, 'config.json', 'vocab.json', 'merges.txt'):
+    with open(os.path.join(sequential, 'clip', name), 'rb') as f:
+      want = f.read()
+    with open(os.path.join(workdir, 'clip', name), 'rb') as f:
+      assert f.read() == want, name
+  # ... and the backbone the one ensure_backbone makes on its own.
+  bp.ensure_backbone(str(tmp_path / 'alone'), bp.settings_from_config(config))
+  a, b = _backbone_arrays(str(tmp_path / 'alone')), _backbone_arrays(
+      os.path.join(workdir, 'backbone'))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
+
+  # Afterwards the sequential path reuses both, and a second call does nothing.
+  def fail(*args, **kwargs):
+    raise AssertionError('pretrained again')
+
+  monkeypatch.setattr(cp, 'pretrain_mini_clip', fail)
+  monkeypatch.setattr(bp, 'pretrain_backbone', fail)
+  assert not resources.pretrain_concurrently(config, workdir)
+  assert resources.clip_dir(config, workdir) == os.path.join(workdir, 'clip')
+  assert resources.init_from(config, workdir) == os.path.join(workdir, 'backbone')
+
+
+def test_concurrent_pretraining_leaves_other_cases_to_the_sequential_path(
+    smoke_clip, tmp_path):
+  config = _concurrent_config()
+  # The CLIP is there already: only the backbone is left, nothing to overlap.
+  _, done, _ = smoke_clip
+  assert not resources.pretrain_concurrently(config, done)
+  assert not os.path.exists(os.path.join(done, 'backbone'))
+  # Only the CLIP is wanted.
+  no_backbone = _concurrent_config()
+  no_backbone.backbone_pretrain.steps = 0
+  assert not resources.pretrain_concurrently(no_backbone, str(tmp_path / 'a'))
+  given = _concurrent_config()
+  given.clip.model_path = '/some/clip'
+  assert not resources.pretrain_concurrently(given, str(tmp_path / 'b'))
+  # A run that resumes never reads the backbone.
+  (tmp_path / 'c' / 'checkpoints' / '3').mkdir(parents=True)
+  assert not resources.pretrain_concurrently(config, str(tmp_path / 'c'))
+  # A directory holding no CLIP is reported at once by clip_dir, as without the overlap.
+  junk = tmp_path / 'd' / 'clip'
+  junk.mkdir(parents=True)
+  (junk / 'x').write_text('')
+  assert not resources.pretrain_concurrently(config, str(tmp_path / 'd'))
+  with pytest.raises(FileExistsError, match=f'{junk}.*holds no CLIP'):
+    resources.clip_dir(config, str(tmp_path / 'd'))
+  assert sorted(os.listdir(tmp_path)) == ['c', 'd']   # nothing else was made
+  # Invalid CLIP settings are refused before anything starts.
+  bad = _concurrent_config()
+  bad.clip.pretrain_steps = 0
+  with pytest.raises(ValueError, match='need steps >= 1'):
+    resources.pretrain_concurrently(bad, str(tmp_path / 'e'))
+  assert not os.path.exists(tmp_path / 'e')
+
+
+def test_a_failing_child_is_reported(tmp_path):
+  # ensure_mini_clip raises FileExistsError in the child (pretrain_concurrently checks for
+  # such a directory itself; a child that fails for any reason is reported the same way).
+  junk = tmp_path / 'clip'
+  junk.mkdir()
+  (junk / 'x').write_text('')
+  settings = resources._mini_clip_settings(_concurrent_config())
+  process = resources._start_mini_clip_process(str(junk), settings)
+  with pytest.raises(RuntimeError, match=f'miniature CLIP in {junk} failed.*exit code 1'):
+    resources._join_mini_clip_process(process, str(junk))
+
+
+def test_a_stopped_child_cleans_up(tmp_path):
+  import glob
+  import time
+  path = str(tmp_path / 'clip')
+  settings = resources._mini_clip_settings(_concurrent_config())
+  process = resources._start_mini_clip_process(path, settings)
+  deadline = time.time() + 60
+  while not glob.glob(str(tmp_path / '.tmp-mini-clip-*')):
+    assert time.time() < deadline and process.is_alive()
+    time.sleep(0.05)
+  resources._stop(process)
+  # SIGTERM became SystemExit: pretrain_mini_clip's `finally` removed its directory.
+  assert process.exitcode == 128 + 15
+  assert os.listdir(tmp_path) == []

@@ -153,6 +153,7 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
   mesh = sharding.mesh_from_config(config)
   sharding.local_batch_size(config.input.global_batch_size, mesh)  # validates divisibility
   data_dir = resources.data_dir(config, workdir)
+  resources.pretrain_concurrently(config, workdir)   # ShapesWorld: CLIP beside the backbone
   class_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
   text_embeddings = class_text_embeddings(config, workdir, class_names,
                                           config.clip.train_prompts)
