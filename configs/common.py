@@ -137,9 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cost_mask = 20.0
   c.loss.cost_dice = 1.0
   c.loss.deep_supervision = True
-  # Where the Hungarian assignment is solved (zegformer_jax/matching.py): 'device' keeps the
-  # train step one XLA program; 'host' is scipy in a callback, as the reference.
-  c.loss.matcher = 'device'
+  # Where the Hungarian assignment is solved (zegformer_jax/matching.py): 'host' is scipy in
+  # a callback, as the reference; 'device' (the same assignments; needs input.max_masks <=
+  # model.decoder.num_queries) keeps the train step one XLA program, no host round trip.
+  c.loss.matcher = 'host'
 
   # ---------------------------------------------------------------- optimiser
   c.optim = ml_collections.ConfigDict()

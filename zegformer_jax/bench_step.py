@@ -4,10 +4,11 @@ r"""Time of one training step of a config's model, on synthetic batches.
       [--warmup 5] [--num_classes 26]
 
 The step is the one `train` runs (train.make_train_step: forward, Hungarian matching on the
-host, the set losses, AdamW), on the config's global batch at its crop size, from a random
-initialisation. Batches are synthetic: each image holds a random number of regions (1 to
-input.max_masks) of distinct random classes, so matching and losses see real target masks;
-the text embeddings are random unit vectors. Nothing is read from disk.
+host or on device as config.loss.matcher says, the set losses, AdamW), on the config's
+global batch at its crop size, from a random initialisation. Batches are synthetic: each
+image holds a random number of regions (1 to input.max_masks) of distinct random classes, so
+matching and losses see real target masks; the text embeddings are random unit vectors.
+Nothing is read from disk.
 
 It doubles as a speed probe of the machine: ShapesWorld demo times are only comparable at
 the same step time (BENCHMARKS.md gives the figure next to each demo run).
