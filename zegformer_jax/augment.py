@@ -128,7 +128,7 @@ def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
   p = v * (1 - s)
   q = v * (1 - s * f)
   t = v * (1 - s * (1 - f))
-  candidates = np.stack([v, q, p, t]).reshape(4, -1).ravel()   # [4 * n] plane after plane
+  candidates = np.stack([v, q, p, t]).ravel()   # [4 * n]: the four planes one after another
   n = sector.size
   at = np.arange(n)
   sector = sector.ravel()
