@@ -238,13 +238,10 @@ def _assign_targets(cost: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
   m, q = cost.shape
   a = jnp.pad(cost, ((1, 0), (1, 0)))                    # [M+1, Q+1], row/col 0 unused
   inf = jnp.float32(jnp.inf)
-  # Loop carries start from *_like of the input, so that under shard_map they vary over the
-  # mesh axes as the input does (while_loop needs equal carry types in and out).
   row = jnp.zeros_like(a[0])                             # [Q+1] float32 zeros
   cols = jnp.arange(q + 1)
   rows = jnp.arange(m + 1)
-  # Updates at one index are written as selects, not scatters: a scatter of an unvarying
-  # value (the loop index) into a varying array fails under shard_map.
+  # Single-element updates are selects over the (short) rows / columns, not scatters.
 
   def insert_target(i, carry):
     u, v, owner = carry                                  # owner[j]: 1 + target of query j
