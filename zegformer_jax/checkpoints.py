@@ -77,11 +77,14 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+SUBDIR = 'checkpoints'   # a run's checkpoints: <workdir>/checkpoints/<step>/
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 
   def __init__(self, workdir: str, keep: int, every: int):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = os.path.abspath(os.path.join(workdir, SUBDIR))
     self.every = every
     self._data_handler = _DataHandler()
     self.manager = ocp.CheckpointManager(

@@ -18,6 +18,10 @@ import sys
 
 import jax
 
+# Where ShapesWorld's pretrained artefacts live inside a workdir.
+MINI_CLIP_SUBDIR = 'clip'
+BACKBONE_SUBDIR = 'backbone'
+
 
 def data_dir(config, workdir: str) -> str:
   """The dataset directory of this run; generates ShapesWorld when it is the dataset."""
@@ -60,7 +64,7 @@ def clip_dir(config, workdir: str) -> str:
     return path
   if config.dataset.name != 'shapesworld':
     raise ValueError('config.clip.model_path is empty: set it to a local CLIP directory')
-  path = os.path.join(workdir, 'clip')
+  path = os.path.join(workdir, MINI_CLIP_SUBDIR)
   if jax.process_index() == 0:
     from zegformer_jax import clip_pretrain
     if not clip_pretrain.is_complete(path):
@@ -92,7 +96,7 @@ def init_from(config, workdir: str) -> str:
     return config.train.init_from
   if config.dataset.name != 'shapesworld' or config.backbone_pretrain.steps <= 0:
     return ''
-  path = os.path.join(workdir, 'backbone')
+  path = os.path.join(workdir, BACKBONE_SUBDIR)
   if jax.process_index() == 0:
     from zegformer_jax import backbone_pretrain
     backbone_pretrain.ensure_backbone(path, backbone_pretrain.settings_from_config(config))
@@ -136,11 +140,11 @@ def pretrain_concurrently(config, workdir: str) -> bool:
       or jax.default_backend() != 'cpu' or config.clip.model_path
       or config.train.init_from or config.backbone_pretrain.steps <= 0):
     return False
-  clip_path = os.path.join(workdir, 'clip')
-  backbone_path = os.path.join(workdir, 'backbone')
-  # 'checkpoints': checkpoints.Checkpointer's directory.
+  from zegformer_jax import checkpoints
+  clip_path = os.path.join(workdir, MINI_CLIP_SUBDIR)
+  backbone_path = os.path.join(workdir, BACKBONE_SUBDIR)
   if not all(_absent_or_empty(p) for p in
-             (clip_path, backbone_path, os.path.join(workdir, 'checkpoints'))):
+             (clip_path, backbone_path, os.path.join(workdir, checkpoints.SUBDIR))):
     return False
   from zegformer_jax import backbone_pretrain
   from zegformer_jax import clip_pretrain
