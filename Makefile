@@ -17,7 +17,7 @@ install: $(VENV)/.installed
 
 # Generate ShapesWorld, train ZegFormer on its seen classes, evaluate, print the metrics path.
 demo: install
-	$(PY) -m zegformer_jax.demo --workdir $(WORKDIR)
+	$(PY) -m zegformer_jax.projects.shapesworld.demo --workdir $(WORKDIR)
 
 test: install
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

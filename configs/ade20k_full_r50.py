@@ -25,7 +25,6 @@ def get_config(arg=None):
   c.input.max_size_test = 2048
   c.input.max_masks = 96           # ADE-Full crops can hold many classes
 
-  c.model.backbone.depth = 50
   c.model.backbone.block_counts = common.RESNET_BLOCKS[50]
 
   c.clip.model_path = 'weights/clip-vit-base-patch16'
@@ -33,7 +32,7 @@ def get_config(arg=None):
   c.clip.test_prompts = 'imagenet_select'
 
   c.train.total_steps = 60000
-  c.train.eval_every = 5000
+  c.evals.val_seen.every = 5000
   c.train.checkpoint_every = 1000
 
   c.eval.variant = 'full'

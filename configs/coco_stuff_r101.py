@@ -12,7 +12,6 @@ def get_config(arg=None):
   c = coco_stuff_r50.get_config(arg)
   c.unlock()
   c.experiment = 'coco_stuff_r101'
-  c.model.backbone.depth = 101
   c.model.backbone.block_counts = common.RESNET_BLOCKS[101]
   c.clip.test_prompts = 'single'
   return common.lock(c)

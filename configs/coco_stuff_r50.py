@@ -26,7 +26,6 @@ def get_config(arg=None):
   c.input.max_size_test = 2560
   c.input.max_masks = 64           # COCO-Stuff crops hold up to ~40 classes
 
-  c.model.backbone.depth = 50
   c.model.backbone.block_counts = common.RESNET_BLOCKS[50]
   # The reference trains COCO with AMP (fp16); set --config.model.dtype=bfloat16 for the
   # JAX equivalent. float32 is the default so parity checks are exact.
@@ -36,7 +35,7 @@ def get_config(arg=None):
   c.clip.test_prompts = 'imagenet_select'
 
   c.train.total_steps = 60000
-  c.train.eval_every = 5000
+  c.evals.val_seen.every = 5000
   c.train.checkpoint_every = 1000
 
   c.eval.variant = 'full'

@@ -2,8 +2,7 @@
 
 Each experiment file (coco_stuff_r50.py, voc_r101.py, shapesworld.py, ...) calls
 `base_config()` and overrides what its recipe changes. Values are the official ZegFormer
-settings (see ../shared/reference/official_zegformer.md, sections 1-4) unless a comment says
-otherwise. The returned ConfigDict is locked: assigning a key that does not exist raises an
+settings (docs/reference.md) unless a comment says otherwise. The returned ConfigDict is locked: assigning a key that does not exist raises an
 error naming the key, so a misspelt `--config.optim.lr=...` cannot pass silently.
 """
 import ml_collections
@@ -11,9 +10,6 @@ import ml_collections
 # detectron2 / torchvision ImageNet statistics, RGB, 0-255 scale.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-# OpenAI CLIP statistics on the 0-255 scale (CLIP_PIXEL_MEAN / CLIP_PIXEL_STD).
-CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
-CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.323163)
 
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -22,6 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.experiment = ''
   c.seed = 0
+  # A module with prepare(config, workdir, *, for_training) -> config that makes what the
+  # config's paths point at (ShapesWorld: 'zegformer_jax.projects.shapesworld.prepare');
+  # main calls it first. '' for real datasets: the paths are used as given.
+  c.project = ''
 
   # ---------------------------------------------------------------- dataset
   c.dataset = ml_collections.ConfigDict()
@@ -29,14 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = ''            # directory with <split>.tfrecord-* and dataset_info.json
   c.dataset.train_split = 'train'    # seen classes only (labels 0..K_seen-1, rest ignored)
   c.dataset.eval_split = 'val_all'   # all classes, GZS3 setting
-  c.dataset.periodic_eval_split = 'val_seen'  # seen-only, as the reference's eval during training
   c.dataset.ignore_value = 255
-  # ShapesWorld only: generation settings (data_prep/shapesworld.py).
-  c.dataset.world_seed = 0
-  c.dataset.world_split = 'default'
-  c.dataset.num_train = 0
-  c.dataset.num_val = 0
-  c.dataset.image_size = 0
 
   # ---------------------------------------------------------------- input
   c.input = ml_collections.ConfigDict()
@@ -57,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.cache_mb = 0
 
   # ---------------------------------------------------------------- device mesh
-  # Mesh ('data', 'fsdp') over every device of every process (zegformer_jax/sharding.py):
+  # Mesh ('data', 'fsdp') over every device of every process (training/sharding.py):
   # the batch is split over both axes; fsdp > 1 also splits parameters and optimiser state
   # over groups of `fsdp` devices (largest dimension divisible by fsdp, else replicated).
   c.mesh = ml_collections.ConfigDict()
@@ -68,7 +61,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pixel_mean = PIXEL_MEAN
   c.model.pixel_std = PIXEL_STD
   c.model.backbone = ml_collections.ConfigDict()
-  c.model.backbone.depth = 50
   c.model.backbone.block_counts = RESNET_BLOCKS[50]
   c.model.backbone.stem_width = 64          # res2 bottleneck width; channels out = 4x
   c.model.backbone.bottleneck = True        # False: BasicBlock (small test variants)
@@ -103,27 +95,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.test_prompts = 'imagenet_select'   # prompt set for the segment branch at evaluation
   c.clip.image_prompts = 'select_clip'      # 32 templates: the image branch always uses these
   c.clip.text_batch_size = 256
-  # Pretraining of ShapesWorld's miniature CLIP (zegformer_jax/clip_pretrain.py), used when
-  # model_path is empty; the result is reused from <workdir>/clip.
-  c.clip.pretrain_steps = 3000
-  c.clip.pretrain_batch = 64
-  c.clip.pretrain_lr = 3e-3
-  c.clip.pretrain_image_size = 32           # CLIP input side (vision_config.image_size)
-  c.clip.pretrain_pool_per_class = 384      # pre-rendered training examples per class
-  c.clip.pretrain_eval_per_class = 32       # held-out examples per class and kind (stats)
-
-  # ShapesWorld's stand-in for ImageNet (zegformer_jax/backbone_pretrain.py): with steps > 0
-  # and no train.init_from, the backbone is pretrained into <workdir>/backbone first.
-  c.backbone_pretrain = ml_collections.ConfigDict()
-  c.backbone_pretrain.steps = 0
-  c.backbone_pretrain.batch_size = 32
-  c.backbone_pretrain.lr = 2e-3
-  c.backbone_pretrain.image_size = 32
-  c.backbone_pretrain.task = 'classify'      # 'classify' single objects | 'dense' scenes
-  c.backbone_pretrain.pool_per_class = 200   # 'classify': pictures per class
-  c.backbone_pretrain.eval_per_class = 20
-  c.backbone_pretrain.pool_scenes = 4000     # 'dense': pre-rendered scenes
-  c.backbone_pretrain.eval_scenes = 200
 
   # ---------------------------------------------------------------- loss / matching
   c.loss = ml_collections.ConfigDict()
@@ -137,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.cost_mask = 20.0
   c.loss.cost_dice = 1.0
   c.loss.deep_supervision = True
-  # Where the Hungarian assignment is solved (zegformer_jax/matching.py): 'host' is scipy in
+  # Where the Hungarian assignment is solved (modeling/matching.py): 'host' is scipy in
   # a callback, as the reference; 'device' (the same assignments; needs input.max_masks <=
   # model.decoder.num_queries) keeps the train step one XLA program, no host round trip.
   c.loss.matcher = 'host'
@@ -161,7 +132,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
-  c.train.eval_every = 5000                 # 0: no periodic evaluation
   c.train.init_from = ''                    # params checkpoint/dir to start from (weights import)
   # Testing hook: > 0 puts a NaN into the final decoder layer's mask logits at that (1-based)
   # step, so the numerics guard can be exercised. Never set it in a real run.
@@ -175,11 +145,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.clip_style = 'cropmask'            # 'crop' | 'mask' | 'cropmask'
   c.eval.clip_top_k = 0                     # 0: all queries go through the image branch
   c.eval.max_images = 0                     # 0: the whole split
-  # Test-time augmentation (detectron2 TEST.AUG; zegformer_jax/tta.py), off as in every
+  # Test-time augmentation (detectron2 TEST.AUG; modeling/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
   c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test
   c.eval.aug_max_size = 0                   # TEST.AUG.MAX_SIZE; 0: input.max_size_test
   c.eval.aug_flip = False                   # TEST.AUG.FLIP
+
+  # ---------------------------------------------------------------- periodic evaluation
+  # big_vision's config.evals: name -> {every, split, variants}; the training loop runs each
+  # every `every` steps (0: never). The reference evaluates seen classes only during training.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val_seen = ml_collections.ConfigDict()
+  c.evals.val_seen.every = 5000
+  c.evals.val_seen.split = 'val_seen'
+  c.evals.val_seen.variants = ('seg',)
 
   # Mode-specific options from the command line (main.py); listed so they can be overridden.
   c.predict = ml_collections.ConfigDict()
@@ -197,36 +176,3 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def min_sizes(base: int, lo: int, hi: int) -> tuple:
   """detectron2's MIN_SIZE_TRAIN recipe: int(x * 0.1 * base) for x in [lo, hi]."""
   return tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
-
-
-def _number_or_text(text: str):
-  """int, else float, else the text itself (items of a list field that is empty now)."""
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
-def override(config: ml_collections.ConfigDict, key: str, value: str) -> None:
-  """Sets config `key` ('a.b.c') from the string `value`, typed like the existing field.
-
-  Used by `python -m zegformer_jax.demo --set key=value`. Unknown keys are errors; bools take
-  true/false/1/0 (bool('False') is True); tuples and lists take comma-separated items,
-  optionally in parentheses or brackets.
-  """
-  *parents, leaf = key.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  old = node[leaf]
-  if isinstance(old, bool):
-    if value.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'--set {key}={value}: {key} is a bool; use true or false')
-    node[leaf] = value.lower() in ('true', '1')
-  elif isinstance(old, (tuple, list)):
-    items = [v.strip() for v in value.strip().strip('()[]').split(',') if v.strip()]
-    node[leaf] = type(old)((type(old[0]) if old else _number_or_text)(v) for v in items)
-  else:
-    node[leaf] = type(old)(value)

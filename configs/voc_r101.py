@@ -11,7 +11,6 @@ def get_config(arg=None):
   c = voc_r50.get_config(arg)
   c.unlock()
   c.experiment = 'voc_r101'
-  c.model.backbone.depth = 101
   c.model.backbone.block_counts = common.RESNET_BLOCKS[101]
   c.eval.variant = 'full'
   c.eval.gamma = 0.1

@@ -28,7 +28,6 @@ def get_config(arg=None):
   c.input.max_size_test = 2048
   c.input.max_masks = 16           # at most 15 seen classes present
 
-  c.model.backbone.depth = 50
   c.model.backbone.block_counts = common.RESNET_BLOCKS[50]
 
   c.clip.model_path = 'weights/clip-vit-base-patch16'
@@ -36,7 +35,7 @@ def get_config(arg=None):
   c.clip.test_prompts = 'single'
 
   c.train.total_steps = steps[arg]
-  c.train.eval_every = steps[arg]
+  c.evals.val_seen.every = steps[arg]
   c.train.checkpoint_every = 1000
 
   c.eval.variant = 'img'

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
 from data_prep import common
+from zegformer_jax import cli
 
 DATASET = 'ade20k_full'
 IGNORE_VALUE = 65535
@@ -173,17 +174,24 @@ def convert(input_dir: str, output_dir: str, *, num_shards: int | None = None,
                   'max_class_id': max_class_id})
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  p = common.arg_parser(__doc__)
-  p.add_argument('--max_class_id', type=int, default=DEFAULT_MAX_CLASS_ID,
-                 help='largest class id a _seg.png may hold (larger ids: bad file)')
-  a = p.parse_args(argv)
-  start = time.time()
-  info = convert(a.input_dir, a.output_dir, num_shards=a.num_shards, workers=a.workers,
-                 skip_bad=a.skip_bad, max_class_id=a.max_class_id)
-  print(common.summary(info, a.output_dir, time.time() - start))
-  return info
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The converter's flags: the shared ones (common.define_flags) and --max_class_id."""
+  common.define_flags(flag_values, __name__)
+  flags.DEFINE_integer('max_class_id', DEFAULT_MAX_CLASS_ID,
+                       'Largest class id a _seg.png may hold (larger ids: bad file).',
+                       flag_values=flag_values, module_name=common.flag_module_name(__name__))
+
+
+def main(argv: Sequence[str]) -> None:
+  """The entry point (cli.run), or from Python main(['--input_dir', RAW, '--output_dir', OUT]).
+
+  The dataset_info is not returned (absl's app.run would take it for an exit status); it is
+  OUT/dataset_info.json, or what convert() returns.
+  """
+  a = common.parse_flags(argv, define_flags)
+  common.run(convert, a, max_class_id=a.max_class_id)
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  define_flags()
+  cli.run(main)

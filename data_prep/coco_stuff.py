@@ -23,12 +23,13 @@ pixels, as the reference's lookup does; any other value (182..254) is a bad labe
 from __future__ import annotations
 
 import os
-import time
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
 from data_prep import common
+from zegformer_jax import cli
 
 DATASET = 'coco_stuff'
 IGNORE_VALUE = 255
@@ -81,14 +82,20 @@ def convert(input_dir: str, output_dir: str, *, num_shards: int | None = None,
                   'unseen_classes': [n for n, s in zip(all_names, all_seen) if not s]})
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  a = common.arg_parser(__doc__).parse_args(argv)
-  start = time.time()
-  info = convert(a.input_dir, a.output_dir, num_shards=a.num_shards, workers=a.workers,
-                 skip_bad=a.skip_bad)
-  print(common.summary(info, a.output_dir, time.time() - start))
-  return info
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The converter's flags: the shared ones (common.define_flags)."""
+  common.define_flags(flag_values, __name__)
+
+
+def main(argv: Sequence[str]) -> None:
+  """The entry point (cli.run), or from Python main(['--input_dir', RAW, '--output_dir', OUT]).
+
+  The dataset_info is not returned (absl's app.run would take it for an exit status); it is
+  OUT/dataset_info.json, or what convert() returns.
+  """
+  common.run(convert, common.parse_flags(argv, define_flags))
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  define_flags()
+  cli.run(main)

@@ -32,7 +32,6 @@ bytes and the raw label map; the raw -> split mapping is done here.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib
@@ -46,10 +45,11 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+from absl import flags
 import numpy as np
 
-from zegformer_jax import datasets_meta
-from zegformer_jax import tfrecord
+from zegformer_jax.data import datasets_meta
+from zegformer_jax.data import tfrecord
 
 CONVERTER_VERSION = 1
 DEFAULT_EXAMPLES_PER_SHARD = 1000
@@ -437,40 +437,78 @@ def convert(spec: DatasetSpec, plans: Sequence[SplitPlan], *, input_dir: str, ou
 # ----------------------------------------------------------------------------- command line
 
 
-def arg_parser(doc: str) -> argparse.ArgumentParser:
-  """The flags every converter shares."""
-  p = argparse.ArgumentParser(description=doc.strip().split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=doc)
-  p.add_argument('--input_dir', required=True, help='root of the raw dataset')
-  p.add_argument('--output_dir', required=True,
-                 help='where <split>.tfrecord-* and dataset_info.json are written')
-  p.add_argument('--num_shards', type=int, default=None,
-                 help='shards per split, capped at the split size (default: one per '
-                      f'{DEFAULT_EXAMPLES_PER_SHARD} files)')
-  p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1),
-                 help='worker processes, one shard per task (0 or 1: none)')
-  p.add_argument('--skip_bad', action='store_true',
-                 help='skip missing/unreadable/mismatched files and list them in '
-                      'dataset_info.json under "skipped" instead of stopping')
-  return p
+def flag_module_name(name: str) -> str:
+  """absl's name of module `name` (`sys.argv[0]` for __main__), so that the shared flags
+  are listed with the converter's own under `--helpshort`."""
+  return sys.argv[0] if name == '__main__' else name
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, module: str = __name__) -> None:
+  """Defines the flags every converter shares in `flag_values`.
+
+  Called by a converter's define_flags(): by its `python -m` entry point (absl's FLAGS) or,
+  when main(argv) is called from Python, into a fresh FlagValues (parse_flags). The flags
+  are not defined at import time: bench_input imports coco_stuff and has a --workers of its
+  own, and tests import all converters into one process.
+  """
+  kw = dict(flag_values=flag_values, module_name=flag_module_name(module))
+  flags.DEFINE_string('input_dir', None,
+                      'Root of the raw dataset (its layout: the converter\'s docstring).',
+                      required=True, **kw)
+  flags.DEFINE_string('output_dir', None,
+                      'Where <split>.tfrecord-* and dataset_info.json are written.',
+                      required=True, **kw)
+  flags.DEFINE_integer('num_shards', None,
+                       'Shards per split, capped at the split size (default: one per '
+                       f'{DEFAULT_EXAMPLES_PER_SHARD} files).', **kw)
+  flags.DEFINE_integer('workers', min(8, os.cpu_count() or 1),
+                       'Worker processes, one shard per task (0 or 1: none).', **kw)
+  flags.DEFINE_bool('skip_bad', False,
+                    'Skip missing/unreadable/mismatched files and list them in '
+                    'dataset_info.json under "skipped" instead of stopping.', **kw)
+
+
+def parse_flags(argv: Sequence[str],
+                define: Callable[[flags.FlagValues], None]) -> flags.FlagValues:
+  """The parsed flags of a converter's main(argv), for both ways it is called.
+
+  `python -m data_prep.<name>` defines the flags in absl's FLAGS and cli.run(main) parses
+  them; main then gets argv = [program, positional args...] and the flags are FLAGS. Called
+  from Python, argv is the flags themselves (main(['--input_dir', RAW, '--output_dir', OUT]));
+  they are parsed into a fresh FlagValues, so absl's global FLAGS is neither needed nor
+  changed. Unknown or missing flags raise absl's flags.Error.
+  """
+  if flags.FLAGS.is_parsed() and 'input_dir' in flags.FLAGS:  # the entry point's FLAGS
+    if len(argv) > 1:
+      raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+    return flags.FLAGS
+  fv = flags.FlagValues()
+  define(fv)
+  rest = fv(['data_prep', *argv])
+  if len(rest) > 1:
+    raise ValueError(f'unexpected arguments: {" ".join(rest[1:])}')
+  return fv
+
+
+def run(convert_fn: Callable[..., dict], a: flags.FlagValues, **options) -> dict:
+  """convert_fn(input_dir, output_dir, num_shards=, workers=, skip_bad=, **options) with the
+  parsed flags `a`; prints the summary line and returns the dataset_info.
+
+  A bad file stops it with a BadFileError that says how to skip such files.
+  """
+  start = time.time()
+  try:
+    info = convert_fn(a.input_dir, a.output_dir, num_shards=a.num_shards, workers=a.workers,
+                      skip_bad=a.skip_bad, **options)
+  except BadFileError as e:
+    if '--skip_bad' in e.reason:
+      raise
+    raise BadFileError(e.path, f'{e.reason} (pass --skip_bad to leave such files out)') from e
+  print(summary(info, a.output_dir, time.time() - start))
+  return info
 
 
 def summary(info: dict, output_dir: str, seconds: float) -> str:
   parts = ', '.join(f'{s} {v["num_examples"]}' for s, v in info['splits'].items())
   skipped = f'; {len(info["skipped"])} files skipped' if info.get('skipped') else ''
   return f'{info["dataset"]} -> {output_dir}: {parts}{skipped} ({seconds:.1f} s)'
-
-
-def run_cli(main: Callable[[Sequence[str] | None], Any]) -> None:
-  """Runs a converter's main(); a bad file or setting ends it with a one-line error."""
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-  try:
-    main(None)
-  except BadFileError as e:
-    hint = '' if '--skip_bad' in str(e) else ' (pass --skip_bad to leave such files out)'
-    print(f'error: {e}{hint}', file=sys.stderr)
-    sys.exit(1)
-  except (ValueError, FileNotFoundError) as e:  # a wrong flag or raw layout
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)

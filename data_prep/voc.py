@@ -34,13 +34,14 @@ Images are stored as their original JPEG bytes; labels as 8-bit PNG with ignore 
 from __future__ import annotations
 
 import os
-import time
 from typing import Sequence
 
+from absl import flags
 import numpy as np
 
 from data_prep import common
-from zegformer_jax import datasets_meta
+from zegformer_jax import cli
+from zegformer_jax.data import datasets_meta
 
 DATASET = 'voc'
 IGNORE_VALUE = 255
@@ -130,18 +131,25 @@ def convert(input_dir: str, output_dir: str, *, split_dir: str | None = None,
                                  'zegformer_jax/assets/voc_{train,test}_list.json'})
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-  p = common.arg_parser(__doc__)
-  p.add_argument('--split_dir', default=None,
-                 help='directory with the reference train_list.npy / test_list.npy '
-                      '(default: the packaged copies)')
-  a = p.parse_args(argv)
-  start = time.time()
-  info = convert(a.input_dir, a.output_dir, split_dir=a.split_dir, num_shards=a.num_shards,
-                 workers=a.workers, skip_bad=a.skip_bad)
-  print(common.summary(info, a.output_dir, time.time() - start))
-  return info
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The converter's flags: the shared ones (common.define_flags) and --split_dir."""
+  common.define_flags(flag_values, __name__)
+  flags.DEFINE_string('split_dir', None,
+                      'Directory with the reference train_list.npy / test_list.npy '
+                      '(default: the packaged copies).',
+                      flag_values=flag_values, module_name=common.flag_module_name(__name__))
+
+
+def main(argv: Sequence[str]) -> None:
+  """The entry point (cli.run), or from Python main(['--input_dir', RAW, '--output_dir', OUT]).
+
+  The dataset_info is not returned (absl's app.run would take it for an exit status); it is
+  OUT/dataset_info.json, or what convert() returns.
+  """
+  a = common.parse_flags(argv, define_flags)
+  common.run(convert, a, split_dir=a.split_dir)
 
 
 if __name__ == '__main__':
-  common.run_cli(main)
+  define_flags()
+  cli.run(main)

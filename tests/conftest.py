@@ -14,10 +14,14 @@ import pytest
 
 @pytest.fixture(scope='session')
 def smoke_run(tmp_path_factory):
-  """(config, workdir) of a ShapesWorld smoke training run, trained once per test worker."""
+  """(config, workdir) of a ShapesWorld smoke training run, trained once per test worker.
+
+  The config is the prepared one: its data, CLIP and init paths point into the workdir.
+  """
   from configs import shapesworld
-  from zegformer_jax import train
-  config = shapesworld.get_config('smoke')
+  from zegformer_jax.projects.shapesworld import prepare
+  from zegformer_jax.training import train
   workdir = str(tmp_path_factory.mktemp('smoke_run'))
+  config = prepare.prepare(shapesworld.get_config('smoke'), workdir)
   train.train(config, workdir)
   return config, workdir

@@ -10,20 +10,20 @@ import pytest
 from flax import traverse_util
 
 from configs import shapesworld
-from zegformer_jax import backbone_pretrain
-from zegformer_jax import convert
-from zegformer_jax import resources
-from zegformer_jax.models import zegformer
+from zegformer_jax.projects.shapesworld import backbone_pretrain
+from zegformer_jax.weights import store
+from zegformer_jax.projects.shapesworld import prepare
+from zegformer_jax.modeling import zegformer
 
 
 def _settings(steps=30):
   c = shapesworld.get_config('smoke')
-  c.backbone_pretrain.task = 'classify'
-  c.backbone_pretrain.image_size = 32
-  c.backbone_pretrain.steps = steps
-  c.backbone_pretrain.batch_size = 16
-  c.backbone_pretrain.pool_per_class = 4
-  c.backbone_pretrain.eval_per_class = 2
+  c.shapesworld.backbone_pretrain.task = 'classify'
+  c.shapesworld.backbone_pretrain.image_size = 32
+  c.shapesworld.backbone_pretrain.steps = steps
+  c.shapesworld.backbone_pretrain.batch_size = 16
+  c.shapesworld.backbone_pretrain.pool_per_class = 4
+  c.shapesworld.backbone_pretrain.eval_per_class = 2
   return c, backbone_pretrain.settings_from_config(c)
 
 
@@ -42,7 +42,7 @@ def test_pretraining_learns_and_writes_a_convert_directory(pretrained):
   assert len(losses) == 3 and losses[-1] < losses[0] < 2 * math.log(26)
   assert 0.0 <= stats['held_out_accuracy'] <= 1.0
   assert len(stats['classes']) == 26 and 'red star' not in stats['classes']  # seen only
-  meta = convert.read_meta(path)
+  meta = store.read_meta(path)
   assert meta['source_format'] == 'shapesworld-pretrain'
   assert meta['covers'] == ['params/backbone', 'frozen/backbone']
 
@@ -51,8 +51,8 @@ def test_init_from_loads_the_pretrained_backbone_into_zegformer(pretrained):
   c, s, path, _ = pretrained
   model = zegformer.build_model(c.model)
   v = zegformer.init_variables(model, jax.random.key(0), (64, 64), 26)
-  params, frozen = convert.load_params(path, v['params'], v['frozen'])
-  saved = convert.checkpoint_shapes(path)
+  params, frozen = store.load_params(path, v['params'], v['frozen'])
+  saved = store.checkpoint_shapes(path)
   assert all(k[1] == 'backbone' for k in saved)
   # Every backbone variable came from the checkpoint; the rest kept its initial value.
   mean = np.asarray(frozen['backbone']['stem']['conv1']['norm']['mean'])
@@ -82,10 +82,13 @@ def test_ensure_reuses_and_refuses_other_settings(pretrained, tmp_path):
 
 def test_init_from_resolution(tmp_path):
   c, _ = _settings(steps=0)
-  assert resources.init_from(c, str(tmp_path)) == ''
+  c.dataset.data_dir, c.clip.model_path = '/given/data', '/given/clip'   # nothing to make
+  assert prepare.prepare(c, str(tmp_path)).train.init_from == ''
   assert not os.path.exists(tmp_path / 'backbone')
   c.train.init_from = '/some/converted/dir'
-  assert resources.init_from(c, str(tmp_path)) == '/some/converted/dir'
+  resolved = prepare.prepare(c, str(tmp_path))
+  assert resolved.train.init_from == '/some/converted/dir'
+  assert (resolved.dataset.data_dir, resolved.clip.model_path) == ('/given/data', '/given/clip')
 
 
 # ---------------------------------------------------------------- task 'dense' (scenes)
@@ -93,17 +96,17 @@ def test_init_from_resolution(tmp_path):
 
 def _dense_settings(steps=30):
   c = shapesworld.get_config('smoke')
-  c.backbone_pretrain.task = 'dense'
-  c.backbone_pretrain.steps = steps
-  c.backbone_pretrain.batch_size = 8
-  c.backbone_pretrain.image_size = 64
-  c.backbone_pretrain.pool_scenes = 16
-  c.backbone_pretrain.eval_scenes = 4
+  c.shapesworld.backbone_pretrain.task = 'dense'
+  c.shapesworld.backbone_pretrain.steps = steps
+  c.shapesworld.backbone_pretrain.batch_size = 8
+  c.shapesworld.backbone_pretrain.image_size = 64
+  c.shapesworld.backbone_pretrain.pool_scenes = 16
+  c.shapesworld.backbone_pretrain.eval_scenes = 4
   return c, backbone_pretrain.settings_from_config(c)
 
 
 def test_scene_pool_labels_index_the_seen_classes():
-  from data_prep import shapesworld as sw
+  from zegformer_jax.projects.shapesworld import world as sw
   seen, unseen = sw.class_names('default')
   images, labels = backbone_pretrain.render_scene_pool('default', 6, seed=3, stream=21, size=64,
                                                        workers=2)
@@ -144,17 +147,17 @@ def test_dense_pretraining_learns_and_loads_into_zegformer(tmp_path):
   assert len(losses) == 3 and losses[-1] < losses[0] < 2 * math.log(26)
   assert stats['settings']['task'] == 'dense'
   assert 0.0 < stats['held_out_accuracy'] <= 1.0   # per pixel, through the folded network
-  saved = convert.checkpoint_shapes(path)
+  saved = store.checkpoint_shapes(path)
   assert saved and all(k[1] == 'backbone' for k in saved)   # the dense head is not kept
   model = zegformer.build_model(c.model)
   v = zegformer.init_variables(model, jax.random.key(0), (64, 64), 26)
-  params, frozen = convert.load_params(path, v['params'], v['frozen'])
+  params, frozen = store.load_params(path, v['params'], v['frozen'])
   assert not np.allclose(np.asarray(params['backbone']['stem']['conv1']['kernel']),
                          np.asarray(v['params']['backbone']['stem']['conv1']['kernel']))
   with pytest.raises(ValueError, match='other settings.*task'):
     backbone_pretrain.ensure_backbone(path, dict(s, task='classify'))
   # The other task's pool sizes are not part of a dense pretraining's settings.
-  c.backbone_pretrain.pool_per_class = 7
+  c.shapesworld.backbone_pretrain.pool_per_class = 7
   assert backbone_pretrain.settings_from_config(c) == s and 'pool_per_class' not in s
 
 
@@ -171,6 +174,6 @@ def test_dense_classifier_head_shapes():
 
 def test_unknown_pretraining_task_is_an_error():
   c = shapesworld.get_config('smoke')
-  c.backbone_pretrain.task = 'segment'
+  c.shapesworld.backbone_pretrain.task = 'segment'
   with pytest.raises(ValueError, match="backbone_pretrain.task.*'segment'"):
     backbone_pretrain.settings_from_config(c)

@@ -17,16 +17,17 @@ import pytest
 
 import train_cli
 from configs import shapesworld
-from zegformer_jax import checkpoints
-from zegformer_jax import data_source
-from zegformer_jax import input_pipeline
-from zegformer_jax import main as main_lib
-from zegformer_jax import optim
-from zegformer_jax import predict
-from zegformer_jax import sharding
-from zegformer_jax import tfrecord
-from zegformer_jax import train
-from zegformer_jax.models import zegformer
+from zegformer_jax.training import checkpoints
+from zegformer_jax.data import data_source
+from zegformer_jax.data import input_pipeline
+from zegformer_jax import cli
+from zegformer_jax.training import optim
+from zegformer_jax.tools import predict
+from zegformer_jax.training import sharding
+from zegformer_jax.data import tfrecord
+from zegformer_jax.training import train
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import state as state_lib
 
 
 def _cli(tmp_path, tmp_path_factory, *args, config=train_cli.SMOKE, **env):
@@ -68,7 +69,7 @@ def _rewrite_record(path, index, fn):
 
 
 def _expected_error_line(exc: BaseException) -> str:
-  return main_lib.error_line(exc)
+  return cli.error_line(exc)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -113,7 +114,7 @@ def test_checkpoint_of_another_config(tmp_path, tmp_path_factory):
   with other.unlocked():
     other.model.decoder.ffn_dim = 256
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  abstract, _ = train.create_train_state(
+  abstract, _ = state_lib.create_train_state(
       other, zegformer.build_model(other.model),
       functools.partial(optim.make_optimizer, other.optim, 10), 26, mesh, jax.random.key(0),
       abstract_only=True)

@@ -2,8 +2,8 @@
 import numpy as np
 
 from configs import shapesworld
-from zegformer_jax import bench_step
-from zegformer_jax import losses
+from zegformer_jax.tools import bench_step
+from zegformer_jax.modeling import criterion
 
 
 def test_synthetic_batches_are_consistent_targets():
@@ -15,7 +15,7 @@ def test_synthetic_batches_are_consistent_targets():
     assert batch['image'].shape == (b, size, size, 3)
     assert batch['label'].shape == (b, size, size)
     assert batch['target_classes'].shape == batch['target_valid'].shape == (b, m)
-    masks = np.asarray(losses.masks_from_label(batch['label'], batch['target_classes'],
+    masks = np.asarray(criterion.masks_from_label(batch['label'], batch['target_classes'],
                                                batch['target_valid']))
     for i in range(b):
       valid = batch['target_valid'][i]

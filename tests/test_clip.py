@@ -1,4 +1,4 @@
-"""Tests for zegformer_jax.models.clip: prompts, loading, ensembles, cache, image tower.
+"""Tests for zegformer_jax.modeling.clip: prompts, loading, ensembles, cache, image tower.
 
 Everything runs on a tiny random CLIP written by create_tiny_clip and read back through
 load_clip, the code path of openai/clip-vit-base-patch16. Oracles are independent of the
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from zegformer_jax.models import clip
+from zegformer_jax.modeling import clip
 
 REFERENCE_TEMPLATES = '/work/shared/reference/data/derived/prompt_templates.json'
 # Short asset key -> the start of the reference file's descriptive key.

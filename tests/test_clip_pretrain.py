@@ -16,10 +16,11 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs import shapesworld as shapesworld_config
-from data_prep import shapesworld as sw
-from zegformer_jax import clip_pretrain as cp
-from zegformer_jax import inference, resources
-from zegformer_jax.models import clip
+from zegformer_jax.projects.shapesworld import world as sw
+from zegformer_jax.projects.shapesworld import clip_pretrain as cp
+from zegformer_jax.modeling import inference
+from zegformer_jax.projects.shapesworld import prepare
+from zegformer_jax.modeling import clip
 
 # A run small enough for tests: 32-px images, 16 steps of 8 pairs.
 TINY = dict(world_split='default', seed=3, steps=16, batch_size=8, lr=3e-3, image_size=32,
@@ -28,10 +29,10 @@ TINY = dict(world_split='default', seed=3, steps=16, batch_size=8, lr=3e-3, imag
 
 @pytest.fixture(scope='module')
 def smoke_clip(tmp_path_factory):
-  """(config, workdir, stats) after resources.clip_dir with the smoke config."""
+  """(config, workdir, stats) after prepare.clip_dir with the smoke config."""
   config = shapesworld_config.get_config('smoke')
   workdir = str(tmp_path_factory.mktemp('clip_run'))
-  path = resources.clip_dir(config, workdir)
+  path = prepare.mini_clip_dir(config, workdir)
   assert path == os.path.join(workdir, 'clip')
   return config, workdir, cp.read_stats(path)
 
@@ -236,8 +237,8 @@ def test_pretraining_is_deterministic(tiny_run, tmp_path):
 def test_clip_dir_pretrains_once_then_reuses(smoke_clip, monkeypatch):
   config, workdir, stats = smoke_clip
   path = os.path.join(workdir, 'clip')
-  assert stats['settings']['steps'] == config.clip.pretrain_steps
-  assert stats['settings']['image_size'] == config.clip.pretrain_image_size
+  assert stats['settings']['steps'] == config.shapesworld.clip_pretrain.steps
+  assert stats['settings']['image_size'] == config.shapesworld.clip_pretrain.image_size
   clip.load_clip(path)
   mtime = os.stat(os.path.join(path, clip.FLAX_WEIGHTS_NAME)).st_mtime_ns
 
@@ -245,14 +246,14 @@ def test_clip_dir_pretrains_once_then_reuses(smoke_clip, monkeypatch):
     raise AssertionError('pretrained again')
 
   monkeypatch.setattr(cp, 'pretrain_mini_clip', fail)
-  assert resources.clip_dir(config, workdir) == path
+  assert prepare.mini_clip_dir(config, workdir) == path
   assert os.stat(os.path.join(path, clip.FLAX_WEIGHTS_NAME)).st_mtime_ns == mtime
   # Other settings for the same directory are refused, not silently reused.
   other = shapesworld_config.get_config('smoke')
   with other.unlocked():
-    other.clip.pretrain_steps = config.clip.pretrain_steps + 1
+    other.shapesworld.clip_pretrain.steps = config.shapesworld.clip_pretrain.steps + 1
   with pytest.raises(ValueError, match='other settings'):
-    resources.clip_dir(other, workdir)
+    prepare.mini_clip_dir(other, workdir)
 
 
 # ------------------------------------------------------- CLIP and backbone side by side
@@ -270,18 +271,18 @@ def _concurrent_config():
 def _backbone_arrays(path):
   """{('params'|'frozen', ...): array} of a pretrained backbone directory."""
   from flax.traverse_util import unflatten_dict
-  from zegformer_jax import convert
+  from zegformer_jax.weights import store
   shapes = unflatten_dict({k: np.zeros(s, np.float32)
-                           for k, s in convert.checkpoint_shapes(path).items()})
-  params, frozen = convert.load_params(path, shapes['params'], shapes['frozen'])
+                           for k, s in store.checkpoint_shapes(path).items()})
+  params, frozen = store.load_params(path, shapes['params'], shapes['frozen'])
   return flatten_dict({'params': params, 'frozen': frozen})
 
 
 def test_concurrent_pretraining_equals_the_sequential_one(smoke_clip, tmp_path, monkeypatch):
-  from zegformer_jax import backbone_pretrain as bp
+  from zegformer_jax.projects.shapesworld import backbone_pretrain as bp
   config = _concurrent_config()
   workdir = str(tmp_path / 'run')
-  assert resources.pretrain_concurrently(config, workdir)
+  assert prepare.pretrain_concurrently(config, workdir)
   # (a) both artefacts are finished; nothing is left beside them.
   assert sorted(os.listdir(workdir)) == ['backbone', 'clip']
   assert cp.is_complete(os.path.join(workdir, 'clip'))
@@ -307,9 +308,9 @@ def test_concurrent_pretraining_equals_the_sequential_one(smoke_clip, tmp_path, 
 
   monkeypatch.setattr(cp, 'pretrain_mini_clip', fail)
   monkeypatch.setattr(bp, 'pretrain_backbone', fail)
-  assert not resources.pretrain_concurrently(config, workdir)
-  assert resources.clip_dir(config, workdir) == os.path.join(workdir, 'clip')
-  assert resources.init_from(config, workdir) == os.path.join(workdir, 'backbone')
+  assert not prepare.pretrain_concurrently(config, workdir)
+  assert prepare.mini_clip_dir(config, workdir) == os.path.join(workdir, 'clip')
+  assert prepare.backbone_dir(config, workdir) == os.path.join(workdir, 'backbone')
 
 
 def test_concurrent_pretraining_leaves_other_cases_to_the_sequential_path(
@@ -317,31 +318,31 @@ def test_concurrent_pretraining_leaves_other_cases_to_the_sequential_path(
   config = _concurrent_config()
   # The CLIP is there already: only the backbone is left, nothing to overlap.
   _, done, _ = smoke_clip
-  assert not resources.pretrain_concurrently(config, done)
+  assert not prepare.pretrain_concurrently(config, done)
   assert not os.path.exists(os.path.join(done, 'backbone'))
   # Only the CLIP is wanted.
   no_backbone = _concurrent_config()
   no_backbone.backbone_pretrain.steps = 0
-  assert not resources.pretrain_concurrently(no_backbone, str(tmp_path / 'a'))
+  assert not prepare.pretrain_concurrently(no_backbone, str(tmp_path / 'a'))
   given = _concurrent_config()
   given.clip.model_path = '/some/clip'
-  assert not resources.pretrain_concurrently(given, str(tmp_path / 'b'))
+  assert not prepare.pretrain_concurrently(given, str(tmp_path / 'b'))
   # A run that resumes never reads the backbone.
   (tmp_path / 'c' / 'checkpoints' / '3').mkdir(parents=True)
-  assert not resources.pretrain_concurrently(config, str(tmp_path / 'c'))
+  assert not prepare.pretrain_concurrently(config, str(tmp_path / 'c'))
   # A directory holding no CLIP is reported at once by clip_dir, as without the overlap.
   junk = tmp_path / 'd' / 'clip'
   junk.mkdir(parents=True)
   (junk / 'x').write_text('')
-  assert not resources.pretrain_concurrently(config, str(tmp_path / 'd'))
+  assert not prepare.pretrain_concurrently(config, str(tmp_path / 'd'))
   with pytest.raises(FileExistsError, match=f'{junk}.*holds no CLIP'):
-    resources.clip_dir(config, str(tmp_path / 'd'))
+    prepare.mini_clip_dir(config, str(tmp_path / 'd'))
   assert sorted(os.listdir(tmp_path)) == ['c', 'd']   # nothing else was made
   # Invalid CLIP settings are refused before anything starts.
   bad = _concurrent_config()
-  bad.clip.pretrain_steps = 0
+  bad.shapesworld.clip_pretrain.steps = 0
   with pytest.raises(ValueError, match='need steps >= 1'):
-    resources.pretrain_concurrently(bad, str(tmp_path / 'e'))
+    prepare.pretrain_concurrently(bad, str(tmp_path / 'e'))
   assert not os.path.exists(tmp_path / 'e')
 
 
@@ -351,23 +352,23 @@ def test_a_failing_child_is_reported(tmp_path):
   junk = tmp_path / 'clip'
   junk.mkdir()
   (junk / 'x').write_text('')
-  settings = resources._mini_clip_settings(_concurrent_config())
-  process = resources._start_mini_clip_process(str(junk), settings)
+  settings = prepare.mini_clip_settings(_concurrent_config())
+  process = prepare._start_mini_clip_process(str(junk), settings)
   with pytest.raises(RuntimeError, match=f'miniature CLIP in {junk} failed.*exit code 1'):
-    resources._join_mini_clip_process(process, str(junk))
+    prepare._join_mini_clip_process(process, str(junk))
 
 
 def test_a_stopped_child_cleans_up(tmp_path):
   import glob
   import time
   path = str(tmp_path / 'clip')
-  settings = resources._mini_clip_settings(_concurrent_config())
-  process = resources._start_mini_clip_process(path, settings)
+  settings = prepare.mini_clip_settings(_concurrent_config())
+  process = prepare._start_mini_clip_process(path, settings)
   deadline = time.time() + 60
   while not glob.glob(str(tmp_path / '.tmp-mini-clip-*')):
     assert time.time() < deadline and process.is_alive()
     time.sleep(0.05)
-  resources._stop(process)
+  prepare._stop(process)
   # SIGTERM became SystemExit: pretrain_mini_clip's `finally` removed its directory.
   assert process.exitcode == 128 + 15
   assert os.listdir(tmp_path) == []

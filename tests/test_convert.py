@@ -1,4 +1,4 @@
-"""Weight import (zegformer_jax.convert, zegformer_jax.torch_pickle) against independent oracles.
+"""Weight import (zegformer_jax.weights) against independent oracles.
 
 Source files are written here in each source layout without torch: detectron2-style
 pickles of numpy arrays, torch zip archives (archive/data.pkl with persistent ids,
@@ -32,10 +32,15 @@ import pytest
 from configs import coco_stuff_r101
 from configs import coco_stuff_r50
 from configs import shapesworld
-from zegformer_jax import convert
-from zegformer_jax import torch_pickle
-from zegformer_jax.models import resnet
-from zegformer_jax.models import zegformer
+from zegformer_jax.modeling import resnet
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.weights import accounting
+from zegformer_jax.weights import convert
+from zegformer_jax.weights import openai_clip
+from zegformer_jax.weights import resnet as resnet_keys
+from zegformer_jax.weights import store
+from zegformer_jax.weights import torch_pickle
+from zegformer_jax.weights import zegformer as zegformer_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(REPO, '..', 'shared', 'reference', 'data', 'derived')
@@ -203,7 +208,7 @@ def script_tree(tensors, qualname='__torch__.model.CLIP', extra_attrs=None):
 
 # =============================================================================================
 # Source-layout weights of a tiny ZegFormer (official key names, written independently of
-# convert.py's mapping).
+# the key mapping in zegformer_jax.weights).
 
 
 def tiny_model_config():
@@ -612,7 +617,7 @@ def tiny():
 def tokenizer_dir(tmp_path_factory):
   """A small CLIP BPE tokenizer in the Hugging Face layout (vocab.json, merges.txt, ...)."""
   from transformers import CLIPTokenizerFast
-  from zegformer_jax.models import clip
+  from zegformer_jax.modeling import clip
   path = tmp_path_factory.mktemp('tokenizer')
   vocab, merges = clip._train_bpe(['a photo of a cat', 'a dog in the scene', 'grass'])
   with open(path / 'vocab.json', 'w', encoding='utf-8') as f:
@@ -648,51 +653,51 @@ def _filled(abstract, value):
 def test_layout_transforms():
   rng = np.random.default_rng(0)
   w = rng.standard_normal((5, 3, 2, 4)).astype(np.float32)       # O, I, kh, kw
-  k = convert.oihw_to_hwio(w)
+  k = accounting.oihw_to_hwio(w)
   assert k.shape == (2, 4, 3, 5)
   for o, i, y, x in np.ndindex(*w.shape):
     assert k[y, x, i, o] == w[o, i, y, x]
 
   lin = rng.standard_normal((6, 4)).astype(np.float32)            # out, in
   x = rng.standard_normal((3, 4))
-  np.testing.assert_allclose(x @ convert.linear_to_dense(lin), x @ lin.T)
-  assert convert.linear_to_dense(lin).shape == (4, 6)
+  np.testing.assert_allclose(x @ accounting.linear_to_dense(lin), x @ lin.T)
+  assert accounting.linear_to_dense(lin).shape == (4, 6)
 
   d = 4
   packed = rng.standard_normal((3 * d, d)).astype(np.float32)
   bias = rng.standard_normal(3 * d).astype(np.float32)
   for i in range(3):
-    kernel = convert.in_proj_part(i, True)(packed)
+    kernel = accounting.in_proj_part(i, True)(packed)
     np.testing.assert_array_equal(kernel, packed[i * d:(i + 1) * d].T)
-    np.testing.assert_array_equal(convert.in_proj_part(i, False)(bias), bias[i * d:(i + 1) * d])
+    np.testing.assert_array_equal(accounting.in_proj_part(i, False)(bias), bias[i * d:(i + 1) * d])
     # x @ kernel + b equals the i-th projection of F.linear(x, in_proj_weight, in_proj_bias).
     full = x @ packed.T + bias
     np.testing.assert_allclose(x @ kernel + bias[i * d:(i + 1) * d], full[:, i * d:(i + 1) * d],
                                rtol=1e-6, atol=1e-6)
-  with pytest.raises(convert.ConversionError, match='thirds'):
-    convert.in_proj_part(0, True)(np.zeros((7, 4)))
+  with pytest.raises(accounting.ConversionError, match='thirds'):
+    accounting.in_proj_part(0, True)(np.zeros((7, 4)))
 
   bg = rng.standard_normal((1, 8)).astype(np.float32)
-  np.testing.assert_array_equal(convert.squeeze_row(bg), bg[0])
-  with pytest.raises(convert.ConversionError, match=r'\[1, D\]'):
-    convert.squeeze_row(np.zeros((2, 8)))
+  np.testing.assert_array_equal(accounting.squeeze_row(bg), bg[0])
+  with pytest.raises(accounting.ConversionError, match=r'\[1, D\]'):
+    accounting.squeeze_row(np.zeros((2, 8)))
 
   # The name mapping in one place: a few representative keys.
-  targets = convert.official_to_flax(
+  targets = zegformer_keys.official_to_flax(
       'sem_seg_head.predictor.transformer.decoder.layers.3.multihead_attn.in_proj_weight',
       (768, 256))
   assert targets == [
       ('params', ('transformer', 'layers_3', 'multihead_attn', n, 'kernel'), (256, 256))
       for n in ('query', 'key', 'value')]
-  assert convert.official_to_flax('backbone.res3.0.shortcut.norm.running_var', (512,)) == [
+  assert zegformer_keys.official_to_flax('backbone.res3.0.shortcut.norm.running_var', (512,)) == [
       ('frozen', ('backbone', 'res3_0', 'shortcut', 'norm', 'var'), (512,))]
-  assert convert.official_to_flax('sem_seg_head.predictor.bg_feature', (1, 512)) == [
+  assert zegformer_keys.official_to_flax('sem_seg_head.predictor.bg_feature', (1, 512)) == [
       ('params', ('no_object_embedding',), (512,))]
-  assert convert.official_to_flax('criterion.empty_weight', (157,)) == []
-  assert convert.torchvision_to_d2('layer3.5.downsample.1.running_mean') == (
+  assert zegformer_keys.official_to_flax('criterion.empty_weight', (157,)) == []
+  assert resnet_keys.torchvision_to_d2('layer3.5.downsample.1.running_mean') == (
       'res4.5.shortcut.norm.running_mean')
-  assert convert.torchvision_to_d2('bn1.weight') == 'stem.conv1.norm.weight'
-  assert convert.torchvision_to_d2('layer1.0.bn3.bias') == 'res2.0.conv3.norm.bias'
+  assert resnet_keys.torchvision_to_d2('bn1.weight') == 'stem.conv1.norm.weight'
+  assert resnet_keys.torchvision_to_d2('layer1.0.bn3.bias') == 'res2.0.conv3.norm.bias'
 
 
 # =============================================================================================
@@ -718,33 +723,33 @@ def test_full_size_official_keys_account_exactly():
   R-101 checkpoint into an R-50 config and a wrong width are errors naming keys/shapes."""
   shapes = {}
   for name, module in (('R50', coco_stuff_r50), ('R101', coco_stuff_r101)):
-    shapes[name] = convert.model_shapes(module.get_config().model)
-    conv = convert.convert_zegformer_format('zegformer', _placeholders(_reference_keys(name)),
-                                            shapes[name])
+    shapes[name] = accounting.model_shapes(module.get_config().model)
+    conv = zegformer_keys.convert_zegformer_format(
+        'zegformer', _placeholders(_reference_keys(name)), shapes[name])
     assert conv.unused == conv.missing == conv.mismatched == []
     assert set(conv.skipped) == {'criterion.empty_weight', 'sem_seg_head.predictor.logit_scale'}
     assert set(conv.variables) == set(shapes[name])
     assert {k: tuple(v.shape) for k, v in conv.variables.items()} == shapes[name]
 
-  conv = convert.convert_zegformer_format(
+  conv = zegformer_keys.convert_zegformer_format(
       'zegformer', _placeholders(_reference_keys('R101')), shapes['R50'])
-  with pytest.raises(convert.ConversionError,
+  with pytest.raises(accounting.ConversionError,
                      match=r'R101\.pth: 255 source keys are not used: backbone\.res4\.6\.conv1'
                      r'.*another depth, e\.g\. R-101 weights for an R-50 config'):
-    convert.check_conversion(conv, (), 'R101.pth')
-  ignored, absent = convert.check_conversion(conv, ['backbone.res4.*'], 'R101.pth')
+    accounting.check_conversion(conv, (), 'R101.pth')
+  ignored, absent = accounting.check_conversion(conv, ['backbone.res4.*'], 'R101.pth')
   assert len(ignored) == 255 and absent == []
 
   narrow = coco_stuff_r50.get_config().model
   narrow.unlock()
   narrow.embed_dim = 256
-  conv = convert.convert_zegformer_format(
-      'zegformer', _placeholders(_reference_keys('R50')), convert.model_shapes(narrow))
-  with pytest.raises(convert.ConversionError, match=re.escape(
+  conv = zegformer_keys.convert_zegformer_format(
+      'zegformer', _placeholders(_reference_keys('R50')), accounting.model_shapes(narrow))
+  with pytest.raises(accounting.ConversionError, match=re.escape(
       'R50.pth: sem_seg_head.predictor.bg_feature -> params/no_object_embedding has shape '
       '(512,) but the model wants (256,) (and 2 more: params/semantic_proj/kernel, '
       'params/semantic_proj/bias); is the checkpoint for another model size?')):
-    convert.check_conversion(conv, (), 'R50.pth')
+    accounting.check_conversion(conv, (), 'R50.pth')
 
 
 # =============================================================================================
@@ -867,7 +872,7 @@ def test_malicious_pickles_are_refused(tmp_path):
     # ... and the CLI path says the same, without a traceback.
   assert not marker.exists()
   with pytest.raises(torch_pickle.UnsafePickleError):
-    convert.read_tensors(str(tmp_path / 'evil2.pth'))
+    accounting.read_tensors(str(tmp_path / 'evil2.pth'))
   assert not marker.exists()
   # Control: the payload is live; the standard unpickler does run it.
   control = tmp_path / 'control'
@@ -931,7 +936,7 @@ def test_d2_resnet_parity_and_backbone_only_checkpoint(tmp_path, tiny):
 
   _, abstract = _abstract_variables(cfg)
   init = _filled(abstract, 7.0)
-  params, frozen = convert.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
+  params, frozen = store.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(init['params'])
   # Outside the backbone: the given initial values, untouched.
   for name in ('pixel_decoder', 'transformer', 'query_embed', 'no_object_embedding'):
@@ -964,12 +969,12 @@ def test_torchvision_resnet_zip_npz_safetensors(tmp_path, tiny):
   np.savez(tmp_path / 'resnet.npz', **tv)
   save_file({k: np.ascontiguousarray(v) for k, v in tv.items()},
             str(tmp_path / 'resnet.safetensors'))
-  shapes = convert.model_shapes(cfg)
-  reference = convert.convert_zegformer_format('d2-resnet', d2, shapes)
+  shapes = accounting.model_shapes(cfg)
+  reference = zegformer_keys.convert_zegformer_format('d2-resnet', d2, shapes)
   for name in ('resnet.pth', 'resnet.npz', 'resnet.safetensors'):
-    tensors, _ = convert.read_tensors(str(tmp_path / name))
-    conv = convert.convert_zegformer_format('torchvision-resnet', tensors, shapes)
-    assert convert.check_conversion(conv) == ([], [])
+    tensors, _ = accounting.read_tensors(str(tmp_path / name))
+    conv = zegformer_keys.convert_zegformer_format('torchvision-resnet', tensors, shapes)
+    assert accounting.check_conversion(conv) == ([], [])
     assert set(conv.variables) == set(reference.variables)
     for k, v in reference.variables.items():
       np.testing.assert_array_equal(conv.variables[k], v, err_msg=f'{name}:{k}')
@@ -981,8 +986,8 @@ def test_torchvision_resnet_zip_npz_safetensors(tmp_path, tiny):
 def test_caffe2_msra_pickle_is_refused(tmp_path):
   with open(tmp_path / 'R-101.pkl', 'wb') as f:
     pickle.dump({'blobs': {'res2_0_branch2a_w': np.zeros((64, 64, 1, 1), np.float32)}}, f)
-  with pytest.raises(convert.ConversionError, match='Caffe2/Detectron1.*BGR'):
-    convert.read_tensors(str(tmp_path / 'R-101.pkl'))
+  with pytest.raises(accounting.ConversionError, match='Caffe2/Detectron1.*BGR'):
+    accounting.read_tensors(str(tmp_path / 'R-101.pkl'))
 
 
 def test_key_accounting_unknown_missing_and_allow_missing(tmp_path, tiny):
@@ -992,7 +997,7 @@ def test_key_accounting_unknown_missing_and_allow_missing(tmp_path, tiny):
   del d2['res3.1.conv2.norm.running_mean']                            # missing
   with open(tmp_path / 'x.pkl', 'wb') as f:
     pickle.dump({'model': d2}, f)
-  with pytest.raises(convert.ConversionError) as e:
+  with pytest.raises(accounting.ConversionError) as e:
     convert.convert('d2-resnet', str(tmp_path / 'x.pkl'), str(tmp_path / 'out'),
                     model_config=cfg)
   msg = str(e.value)
@@ -1011,7 +1016,7 @@ def test_key_accounting_unknown_missing_and_allow_missing(tmp_path, tiny):
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = jax.device_put(_filled(abstract, 3.0), replicated)
-  params, frozen = convert.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
+  params, frozen = store.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
   kept = frozen['backbone']['res3_1']['conv2']['norm']['mean']
   assert kept is init['frozen']['backbone']['res3_1']['conv2']['norm']['mean']
   loaded = params['backbone']['res3_1']['conv2']['kernel']
@@ -1019,12 +1024,12 @@ def test_key_accounting_unknown_missing_and_allow_missing(tmp_path, tiny):
   np.testing.assert_array_equal(loaded, d2['res3.1.conv2.weight'].transpose(2, 3, 1, 0))
 
   # Without the 'absent' entry the same gap is an error naming the path.
-  meta_file = tmp_path / 'out' / convert.META_NAME
+  meta_file = tmp_path / 'out' / store.META_NAME
   meta = json.loads(meta_file.read_text())
   meta['absent'] = []
   meta_file.write_text(json.dumps(meta))
   with pytest.raises(ValueError, match='lacks frozen/backbone/res3_1/conv2/norm/mean'):
-    convert.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
+    store.load_params(str(tmp_path / 'out'), init['params'], init['frozen'])
 
 
 def test_load_params_rejects_other_model_sizes(tmp_path, tiny):
@@ -1041,13 +1046,13 @@ def test_load_params_rejects_other_model_sizes(tmp_path, tiny):
   with pytest.raises(ValueError, match=re.escape(
       'params/backbone/res2_0/conv1/kernel has shape (1, 1, 8, 8) in the checkpoint but the '
       'model wants (1, 1, 16, 16) (and 99 more)')):
-    convert.load_params(str(tmp_path / 'out'), abstract['params'], abstract['frozen'])
+    store.load_params(str(tmp_path / 'out'), abstract['params'], abstract['frozen'])
 
   shallow = tiny_model_config()
   shallow.backbone.block_counts = (1, 1, 1, 1)
   _, abstract = _abstract_variables(shallow)
   with pytest.raises(ValueError, match=r'the model has no variable frozen/backbone/res3_1/'):
-    convert.load_params(str(tmp_path / 'out'), abstract['params'], abstract['frozen'])
+    store.load_params(str(tmp_path / 'out'), abstract['params'], abstract['frozen'])
 
 
 # =============================================================================================
@@ -1058,10 +1063,10 @@ def test_zegformer_checkpoint_parity(tmp_path, tiny, clip_state, tokenizer_dir):
   """Official-layout tiny checkpoint (torch zip, with clip_model.* in fp16) -> DIR; the Flax
   forward equals a numpy forward on the source arrays: res2..res5, mask features, decoder
   outputs, masks and Eq. 1 logits."""
-  from zegformer_jax import train
+  from zegformer_jax.training import state as state_lib
   cfg, sd = tiny
   checkpoint = dict(sd)
-  checkpoint.update({convert.CLIP_PREFIX + k: v for k, v in clip_state.items()})
+  checkpoint.update({zegformer_keys.CLIP_PREFIX + k: v for k, v in clip_state.items()})
   write_torch_zip(tmp_path / 'zeg.pth', {'model': collections.OrderedDict(checkpoint),
                                          'iteration': 59999})
   meta = convert.convert('zegformer', str(tmp_path / 'zeg.pth'), str(tmp_path / 'imported'),
@@ -1074,9 +1079,9 @@ def test_zegformer_checkpoint_parity(tmp_path, tiny, clip_state, tokenizer_dir):
   assert os.path.isfile(tmp_path / 'imported' / 'clip' / 'vocab.json')
 
   model, abstract = _abstract_variables(cfg)
-  state = train._init_from(str(tmp_path / 'imported'),
-                           {'step': 0, 'params': abstract['params'],
-                            'frozen': abstract['frozen']})
+  state = state_lib.init_from(str(tmp_path / 'imported'),
+                              {'step': 0, 'params': abstract['params'],
+                               'frozen': abstract['frozen']})
   variables = {'params': state['params'], 'frozen': state['frozen']}
   assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(variables))
   np.testing.assert_array_equal(variables['params']['no_object_embedding'],
@@ -1143,7 +1148,7 @@ def _write_clip_archive(tmp_path, clip_state):
 def test_openai_clip_parity(tmp_path, clip_state, tokenizer_dir):
   """TorchScript-layout tiny CLIP (fp16) -> HF Flax directory -> load_clip; text and image
   features against numpy transformers computed from the OpenAI-layout arrays."""
-  from zegformer_jax.models import clip
+  from zegformer_jax.modeling import clip
   out = tmp_path / 'hf_clip'
   meta = convert.convert('openai-clip', _write_clip_archive(tmp_path, clip_state), str(out),
                          tokenizer_dir=tokenizer_dir[0], clip_vision_heads=2)
@@ -1172,11 +1177,11 @@ def test_openai_clip_parity(tmp_path, clip_state, tokenizer_dir):
   bad = dict(clip_state)
   bad['visual.extra_bias'] = np.zeros(3, np.float16)
   del bad['ln_final.bias']
-  with pytest.raises(convert.ConversionError) as e:
-    convert.openai_clip_to_hf(bad, vision_heads=2, source='bad.pt')
+  with pytest.raises(accounting.ConversionError) as e:
+    openai_clip.openai_clip_to_hf(bad, vision_heads=2, source='bad.pt')
   assert 'visual.extra_bias' in str(e.value) and 'bad.pt' in str(e.value)
-  with pytest.raises(convert.ConversionError, match='final_layer_norm/bias'):
-    convert.openai_clip_to_hf(bad, vision_heads=2, allow_missing=['visual.extra_bias'])
+  with pytest.raises(accounting.ConversionError, match='final_layer_norm/bias'):
+    openai_clip.openai_clip_to_hf(bad, vision_heads=2, allow_missing=['visual.extra_bias'])
 
 
 # =============================================================================================
@@ -1192,19 +1197,19 @@ def test_cli_subprocess_d2_resnet_into_shapesworld(tmp_path):
     pickle.dump({'model': d2, '__author__': 'torchvision', 'matching_heuristics': True}, f)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  cmd = [sys.executable, '-m', 'zegformer_jax.convert', '--from', 'd2-resnet', '--input',
+  cmd = [sys.executable, '-m', 'zegformer_jax.weights.convert', '--from', 'd2-resnet', '--input',
          str(tmp_path / 'R-18.pkl'), '--output', str(tmp_path / 'out'), '--config',
          os.path.join(REPO, 'configs', 'shapesworld.py')]
   run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert 'wrote' in run.stdout
-  meta = json.loads((tmp_path / 'out' / convert.META_NAME).read_text())
+  meta = json.loads((tmp_path / 'out' / store.META_NAME).read_text())
   assert meta['config'].endswith('shapesworld.py') and meta['covers'] == list(
-      convert.BACKBONE_COVERS)
+      resnet_keys.BACKBONE_COVERS)
 
   _, abstract = _abstract_variables(cfg)
-  params, frozen = convert.load_params(str(tmp_path / 'out'), abstract['params'],
-                                       abstract['frozen'])
+  params, frozen = store.load_params(str(tmp_path / 'out'), abstract['params'],
+                                     abstract['frozen'])
   np.testing.assert_array_equal(params['backbone']['stem']['conv1']['kernel'],
                                 d2['stem.conv1.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(frozen['backbone']['res5_0']['conv2']['norm']['scale'],

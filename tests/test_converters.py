@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+from absl import flags
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,10 +19,10 @@ from data_prep import ade20k_full
 from data_prep import coco_stuff
 from data_prep import common
 from data_prep import voc
-from zegformer_jax import data_source
-from zegformer_jax import datasets_meta
-from zegformer_jax import input_pipeline
-from zegformer_jax import tfrecord
+from zegformer_jax.data import data_source
+from zegformer_jax.data import datasets_meta
+from zegformer_jax.data import input_pipeline
+from zegformer_jax.data import tfrecord
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF = os.path.join(ROOT, '..', 'shared', 'reference', 'data')
@@ -185,9 +186,9 @@ def make_coco_tree(root, n_train=3, n_val=2):
 def coco_converted(tmp_path_factory):
   raw = make_coco_tree(str(tmp_path_factory.mktemp('coco_raw')))
   out = str(tmp_path_factory.mktemp('coco_out'))
-  info = coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--num_shards', '2',
-                          '--workers', '2'])
-  return raw, out, info
+  coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--num_shards', '2',
+                   '--workers', '2'])
+  return raw, out, tfrecord.read_dataset_info(out)
 
 
 def test_coco_labels_and_info(coco_converted):
@@ -308,6 +309,64 @@ def test_bad_inputs(tmp_path, kind):
       coco_stuff.convert(raw, out, workers=0)
 
 
+def _cli(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+
+
+def test_converter_flags(tmp_path):
+  raw = make_coco_tree(str(tmp_path / 'raw'), n_train=1, n_val=1)
+  out = str(tmp_path / 'out')
+  # absl flags: a missing or unknown flag is a one-line error.
+  for args, want in (((), 'error: flag --input_dir=None: Flag --input_dir must have a value'),
+                     (('--input_dir', raw, '--max_class_id', '4000'),
+                      "error: Unknown command line flag 'max_class_id'")):
+    proc = _cli('data_prep.coco_stuff', '--output_dir', out, *args)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(want), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+  proc = _cli('data_prep.ade20k_full', '--input_dir', raw, '--output_dir', out,
+              '--max_class_id', '5')
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == 'error: max_class_id must be in [3156, 6655], got 5'
+  # From Python, main() parses its own flags without absl's global FLAGS.
+  with pytest.raises(flags.Error, match='split_dir'):
+    coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--split_dir', raw])
+  assert 'input_dir' not in flags.FLAGS
+  # A bad file found by a worker: main's error says how to skip it.
+  _png(os.path.join(raw, 'annotations', 'val2017', 'val_0000.png'), _stripes([0, 200]))
+  with pytest.raises(common.BadFileError) as e:
+    coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--workers', '0'])
+  assert str(e.value).endswith('label values [200] are outside the dataset\'s range '
+                               '(0..181 or 255) (pass --skip_bad to leave such files out)')
+  coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--workers', '0', '--skip_bad'])
+  assert tfrecord.read_dataset_info(out)['skipped'][0]['file'] == 'annotations/val2017/val_0000.png'
+
+
+def test_bench_input_cli(tmp_path):
+  """bench_input: --config with overrides, --make_fake (fake tree -> coco_stuff.convert)."""
+  args = ('zegformer_jax.tools.bench_input', '--config', 'configs/coco_stuff_r50.py',
+          '--data_dir', str(tmp_path))
+  small = ('--config.input.crop_size=64', '--config.input.min_size_train=(64,)',
+           '--config.input.max_size_train=128', '--make_fake', '2', '--workers', '0',
+           '--batches', '1', '--warmup', '0', '--batch_size', '2', '--convert_workers', '0')
+  proc = _cli(*args, *small)
+  assert proc.returncode == 0, proc.stderr
+  assert 'config configs/coco_stuff_r50.py: min_size_train 64..64 (max 128), crop 64' in proc.stdout
+  assert '| 0 | ' in proc.stdout
+  info = tfrecord.read_dataset_info(str(tmp_path / 'converted'))
+  assert info['splits']['train']['num_examples'] == 2
+  proc = _cli(*args, '--config.input.crop_sise=64')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().startswith(
+      "error: unknown config key 'crop_sise' (from --config.input.crop_sise=64).")
+  proc = _cli(*args, '--workers', '0,x')
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == "error: --workers must be comma-separated integers, got '0,x'"
+  proc = _cli(*args[:2], 'configs/none.py', *args[3:])
+  assert proc.returncode == 1
+  assert proc.stderr.strip() == 'error: config file configs/none.py does not exist'
+
+
 def test_bad_values_voc_and_ade(tmp_path):
   vraw, split_dir = make_voc_tree(str(tmp_path / 'voc'))
   _png(os.path.join(vraw, 'SegmentationClassAug', 'v0.png'), _stripes([1, 21]))
@@ -382,8 +441,9 @@ def test_voc_labels_and_cli(tmp_path):
   assert proc.stderr.strip() == (
       f'error: {os.path.join(raw, "SegmentationClassAug", "t1.png")}: label file missing (the '
       'name is in the image list); pass --skip_bad to leave such files out')
-  info = voc.main(['--input_dir', raw, '--output_dir', out, '--split_dir', split_dir,
-                   '--workers', '0', '--skip_bad'])
+  voc.main(['--input_dir', raw, '--output_dir', out, '--split_dir', split_dir,
+            '--workers', '0', '--skip_bad'])
+  info = tfrecord.read_dataset_info(out)
   assert info['skipped'] == [{'file': 'SegmentationClassAug/t1.png', 'splits': ['train'],
                               'reason': 'label file missing (the name is in the image list)'}]
   assert sorted(_records(out, 'train')) == ['t0.jpg', 't2.jpg']
@@ -436,7 +496,8 @@ def make_ade_tree(root, val_big=False):
 def test_ade_labels(tmp_path):
   raw = make_ade_tree(str(tmp_path / 'raw'), val_big=True)
   out = str(tmp_path / 'out')
-  info = ade20k_full.main(['--input_dir', raw, '--output_dir', out, '--workers', '0'])
+  ade20k_full.main(['--input_dir', raw, '--output_dir', out, '--workers', '0'])
+  info = tfrecord.read_dataset_info(out)
   assert info['ignore_value'] == 65535 and info['skipped'] == []
   for col, split in enumerate(SPLITS):
     s = info['splits'][split]

@@ -11,7 +11,7 @@ def test_demo_writes_metrics_of_both_view_sets_and_overlays(tmp_path, tmp_path_f
   resources = train_cli.shared_resources(tmp_path_factory)
   workdir = str(tmp_path / 'demo')
   train_cli.main_args(workdir, resources)  # seeds the text-embedding cache
-  cmd = [sys.executable, '-m', 'zegformer_jax.demo', '--workdir', workdir,
+  cmd = [sys.executable, '-m', 'zegformer_jax.projects.shapesworld.demo', '--workdir', workdir,
          '--config_arg', 'smoke', '--num_overlays', '1',
          '--set', f'dataset.data_dir={resources}/data',
          '--set', f'clip.model_path={resources}/clip',

@@ -5,8 +5,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from zegformer_jax import evaluate
-from zegformer_jax import inference
+from zegformer_jax.evaluation import evaluator
+from zegformer_jax.modeling import inference
+from zegformer_jax.modeling import segmenter
 
 
 def _softmax(x):
@@ -47,7 +48,7 @@ def _oracle_p_img(logits, masks, clip_inputs, proj):
 @pytest.mark.parametrize('variant', ['seg', 'img', 'full'])
 def test_all_queries(variant):
   logits, masks, clip_inputs, cfg, seen, proj = _setup(top_k=0)
-  got = np.asarray(evaluate.class_probabilities(variant, logits, masks, clip_inputs, cfg, seen))
+  got = np.asarray(segmenter.class_probabilities(variant, logits, masks, clip_inputs, cfg, seen))
   p_seg = _softmax(logits)[..., :-1]
   if variant == 'seg':
     want = p_seg
@@ -64,7 +65,7 @@ def test_all_queries(variant):
 
 def test_top_k_keeps_seg_probs_elsewhere():
   logits, masks, clip_inputs, cfg, seen, proj = _setup(top_k=2)
-  got = np.asarray(evaluate.class_probabilities('img', logits, masks, clip_inputs, cfg, seen))
+  got = np.asarray(segmenter.class_probabilities('img', logits, masks, clip_inputs, cfg, seen))
   p_seg = _softmax(logits)[..., :-1]
   p_img = _oracle_p_img(logits, masks, clip_inputs, proj)
   score = p_seg.max(-1)
@@ -81,10 +82,10 @@ def test_variants_together_equal_each_alone(top_k):
   calls = []
   embed = clip_inputs['embed']
   clip_inputs = dict(clip_inputs, embed=lambda x: calls.append(1) or embed(x))
-  together = evaluate.variant_probabilities(('seg', 'img', 'full'), logits, masks, clip_inputs,
+  together = segmenter.variant_probabilities(('seg', 'img', 'full'), logits, masks, clip_inputs,
                                             cfg, seen)
   assert len(calls) == 1  # one pass of the image branch serves img and full
   for v in ('seg', 'img', 'full'):
-    alone = evaluate.class_probabilities(v, logits, masks, clip_inputs, cfg, seen)
+    alone = segmenter.class_probabilities(v, logits, masks, clip_inputs, cfg, seen)
     np.testing.assert_array_equal(np.asarray(together[v]), np.asarray(alone))
-  assert set(evaluate.variant_probabilities(('seg',), logits, masks, None, cfg, seen)) == {'seg'}
+  assert set(segmenter.variant_probabilities(('seg',), logits, masks, None, cfg, seen)) == {'seg'}

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zegformer_jax import inference
+from zegformer_jax.modeling import inference
 
 
 # ----------------------------------------------------------------------------

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from configs import shapesworld as shapesworld_config
-from data_prep import shapesworld as sw
-from zegformer_jax import augment
-from zegformer_jax import data_source
-from zegformer_jax import input_pipeline
-from zegformer_jax import losses
-from zegformer_jax import tfrecord
+from zegformer_jax.projects.shapesworld import world as sw
+from zegformer_jax.data import augment
+from zegformer_jax.data import data_source
+from zegformer_jax.data import input_pipeline
+from zegformer_jax.modeling import criterion
+from zegformer_jax.data import tfrecord
 
 NUM_TRAIN, NUM_VAL = 48, 18
 
@@ -282,7 +282,7 @@ def test_train_batches(data_dir):
   assert batch['image'].dtype == np.float32 and batch['image'].shape == (8, 64, 64, 3)
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (8, 64, 64)
   assert batch['target_classes'].dtype == np.int32 and batch['target_classes'].shape == (8, m)
-  masks = np.asarray(losses.masks_from_label(batch['label'], batch['target_classes'],
+  masks = np.asarray(criterion.masks_from_label(batch['label'], batch['target_classes'],
                                              batch['target_valid']))
   assert masks.dtype == np.uint8 and masks.shape == (8, m, 64, 64)
   assert batch['target_valid'].dtype == np.bool_ and batch['target_valid'].shape == (8, m)

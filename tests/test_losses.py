@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import common
-from zegformer_jax import losses
+from zegformer_jax.modeling import criterion
 
 RTOL = 1e-5
 
@@ -137,7 +137,7 @@ def random_matches(rng, L, valid, Q):
 
 def criterion(outputs, targets, q2t, cfg):
   """set_criterion under jit (eager op-by-op dispatch is slow on CPU)."""
-  return jax.jit(lambda o, t, m: losses.set_criterion(o, t, m, cfg))(
+  return jax.jit(lambda o, t, m: criterion.set_criterion(o, t, m, cfg))(
       outputs, targets, q2t)
 
 
@@ -156,7 +156,7 @@ def assert_losses_close(got, want):
 def test_upsample_matches_torch_bilinear(in_hw, out_hw):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2,) + in_hw).astype(np.float32)
-  got = np.asarray(losses.upsample_bilinear(jnp.asarray(x), out_hw))
+  got = np.asarray(criterion.upsample_bilinear(jnp.asarray(x), out_hw))
   want = np.stack([np_upsample_torch(xi, *out_hw) for xi in x])
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
 
@@ -167,8 +167,8 @@ def test_focal_and_dice_against_numpy():
   t = (rng.random((3, 50)) < 0.3).astype(np.float64)
   @jax.jit
   def terms(x, t):
-    return (losses.sigmoid_focal_loss(x, t), losses.dice_loss(x, t),
-            losses.sigmoid_focal_loss(x[0], t[0], 0.6, 1.5))
+    return (criterion.sigmoid_focal_loss(x, t), criterion.dice_loss(x, t),
+            criterion.sigmoid_focal_loss(x[0], t[0], 0.6, 1.5))
 
   got_f, got_d, got_other = terms(jnp.asarray(x, jnp.float32),
                                   jnp.asarray(t, jnp.float32))
@@ -183,7 +183,7 @@ def test_focal_and_dice_against_numpy():
   big = jnp.array([[-60.0, 60.0, 60.0, -60.0]])
   tt = jnp.array([[1.0, 0.0, 1.0, 0.0]])
   val, grad = jax.jit(jax.value_and_grad(
-      lambda z: losses.sigmoid_focal_loss(z, tt).sum()))(big)
+      lambda z: criterion.sigmoid_focal_loss(z, tt).sum()))(big)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
 
 
@@ -195,7 +195,7 @@ def test_weighted_cross_entropy_against_numpy():
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   ce = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
   want = (w[y] * ce).sum() / w[y].sum()
-  got = losses.weighted_cross_entropy(jnp.asarray(z, jnp.float32),
+  got = criterion.weighted_cross_entropy(jnp.asarray(z, jnp.float32),
                                       jnp.asarray(y), jnp.asarray(w))
   np.testing.assert_allclose(float(got), want, rtol=RTOL)
 
@@ -270,7 +270,7 @@ def test_num_masks_normalisation():
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
   np.testing.assert_allclose(float(got['loss_ce']), -logp[..., -1].mean(),
                              rtol=RTOL)
-  _, metrics = jax.jit(lambda o, t: losses.compute_loss(o, t, cfg, None))(
+  _, metrics = jax.jit(lambda o, t: criterion.compute_loss(o, t, cfg, None))(
       outputs, empty)
   assert float(metrics['num_masks']) == 1.0
 
@@ -307,7 +307,7 @@ def test_compute_loss_rematches_every_layer():
   lay, bat = NamedSharding(mesh, P(None, 'data')), NamedSharding(mesh, P('data'))
   out_s = {k: jax.device_put(v, lay) for k, v in outputs.items()}
   tgt_s = {k: jax.device_put(v, bat) for k, v in targets.items()}
-  loss, metrics = jax.jit(lambda o, t: losses.compute_loss(o, t, cfg, mesh))(
+  loss, metrics = jax.jit(lambda o, t: criterion.compute_loss(o, t, cfg, mesh))(
       out_s, tgt_s)
 
   want = np_criterion(outputs, targets, want_q2t, cfg)
@@ -344,7 +344,7 @@ def test_hand_computed_case():
       'target_masks': np.array([[[[1, 0], [0, 0]]]], np.uint8),
       'target_valid': np.array([[True]]),
   }
-  loss, m = jax.jit(lambda o, t: losses.compute_loss(o, t, loss_cfg(), None))(
+  loss, m = jax.jit(lambda o, t: criterion.compute_loss(o, t, loss_cfg(), None))(
       outputs, targets)
   ce = (math.log(4 / 3) + 0.1 * math.log(2)) / 1.1
   focal = math.log(2) * 5 / 32

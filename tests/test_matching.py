@@ -15,8 +15,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import common
-from zegformer_jax import losses
-from zegformer_jax import matching
+from zegformer_jax.modeling import criterion
+from zegformer_jax.modeling import matching
 
 
 def loss_cfg(matcher='device'):
@@ -298,7 +298,7 @@ def test_gradient_stops_at_matching():
 
   def full(logits, masks):
     o = {'pred_logits': logits, 'pred_masks': masks}
-    return losses.compute_loss(o, tgt_s, cfg, mesh)[0]
+    return criterion.compute_loss(o, tgt_s, cfg, mesh)[0]
 
   g_full = jax.jit(jax.grad(full, argnums=(0, 1)))(
       out_s['pred_logits'], out_s['pred_masks'])
@@ -306,7 +306,7 @@ def test_gradient_stops_at_matching():
 
   def fixed(logits, masks):
     o = {'pred_logits': logits, 'pred_masks': masks}
-    return losses.set_criterion(o, targets, jnp.asarray(q2t), cfg)['loss']
+    return criterion.set_criterion(o, targets, jnp.asarray(q2t), cfg)['loss']
 
   g_fixed = jax.jit(jax.grad(fixed, argnums=(0, 1)))(
       outputs['pred_logits'], outputs['pred_masks'])

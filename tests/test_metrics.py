@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zegformer_jax import metrics
+from zegformer_jax.evaluation import metrics
 
 SCHEMA = {'dataset', 'variant', 'num_images', 'mIoU', 'mIoU_seen', 'mIoU_unseen', 'hIoU',
           'pAcc', 'mAcc', 'fwIoU', 'per_class'}

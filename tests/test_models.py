@@ -16,12 +16,12 @@ import pytest
 from configs import coco_stuff_r101
 from configs import coco_stuff_r50
 from configs import shapesworld
-from zegformer_jax import summary
-from zegformer_jax.convert import official_to_flax
-from zegformer_jax.models import pixel_decoder
-from zegformer_jax.models import resnet
-from zegformer_jax.models import transformer
-from zegformer_jax.models import zegformer
+from zegformer_jax.tools import summary
+from zegformer_jax.weights.zegformer import official_to_flax
+from zegformer_jax.modeling import pixel_decoder
+from zegformer_jax.modeling import resnet
+from zegformer_jax.modeling import transformer
+from zegformer_jax.modeling import zegformer
 
 REFERENCE_KEYS = os.path.join(
     os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'data', 'derived',
@@ -482,7 +482,7 @@ def test_decoder_in_feature(level, channels, tokens):
 def test_conv_batch_norm_folds_into_frozen_batch_norm():
   """Conv2d(norm='BN') on batch statistics == Conv2d(norm='FrozenBN') with the statistics
   folded in (backbone_pretrain.fold_batch_norm), against numpy batch statistics."""
-  from zegformer_jax import backbone_pretrain
+  from zegformer_jax.projects.shapesworld import backbone_pretrain
   from flax import traverse_util
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)).astype(np.float32))

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 from configs import common
-from zegformer_jax import optim
+from zegformer_jax.training import optim
 
 
 def _params():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zegformer_jax import evaluate
-from zegformer_jax import predict
+from zegformer_jax.evaluation import evaluator
+from zegformer_jax.tools import predict
 
 
 def test_parse_classes(tmp_path):
@@ -56,13 +56,13 @@ def test_shares_and_overlay():
 
 def test_eval_writes_schema(smoke_run):
   config, workdir = smoke_run
-  result = evaluate.evaluate(config, workdir, variant='seg')
+  result = evaluator.evaluate(config, workdir, variant='seg')
   with open(os.path.join(workdir, 'metrics_seg.json')) as f:
     on_disk = json.load(f)
   keys = {'dataset', 'variant', 'num_images', 'mIoU', 'mIoU_seen', 'mIoU_unseen', 'hIoU', 'pAcc',
           'mAcc', 'fwIoU', 'per_class'}
   assert keys <= set(on_disk)
-  assert on_disk['num_images'] == config.dataset.num_val
+  assert on_disk['num_images'] == config.shapesworld.num_val
   assert on_disk['variant'] == 'seg' and on_disk['dataset'] == 'shapesworld'
   assert {tuple(sorted(c)) for c in on_disk['per_class']} == {('Acc', 'IoU', 'name', 'split')}
   assert 0 <= on_disk['pAcc'] <= 100
@@ -71,9 +71,9 @@ def test_eval_writes_schema(smoke_run):
 
 def test_variants_in_one_pass_equal_separate_evaluations(smoke_run):
   config, workdir = smoke_run
-  together = evaluate.evaluate_variants(config, workdir, ('seg', 'img', 'full'), tag='joint')
+  together = evaluator.evaluate_variants(config, workdir, ('seg', 'img', 'full'), tag='joint')
   for v in ('seg', 'img', 'full'):
-    alone = evaluate.evaluate(config, workdir, variant=v, tag='alone')
+    alone = evaluator.evaluate(config, workdir, variant=v, tag='alone')
     assert together[v]['variant'] == v
     assert [c['IoU'] for c in together[v]['per_class']] == [c['IoU'] for c in alone['per_class']]
     assert together[v]['pAcc'] == alone['pAcc']
@@ -105,10 +105,10 @@ def test_eval_and_predict_with_test_time_augmentation(smoke_run, tmp_path):
   with config.unlocked():
     config.eval.aug_min_sizes = (56, 80)
     config.eval.aug_flip = True
-  result = evaluate.evaluate(config, workdir, variant='seg', tag='tta')
+  result = evaluator.evaluate(config, workdir, variant='seg', tag='tta')
   assert result['test_views'] == [{'min_size': 56, 'flip': False}, {'min_size': 56, 'flip': True},
                                   {'min_size': 80, 'flip': False}, {'min_size': 80, 'flip': True}]
-  assert result['num_images'] == config.dataset.num_val and 0 <= result['pAcc'] <= 100
+  assert result['num_images'] == config.shapesworld.num_val and 0 <= result['pAcc'] <= 100
   assert os.path.exists(os.path.join(workdir, 'metrics_seg_tta.json'))
   Image.fromarray(np.zeros((50, 90, 3), np.uint8)).save(tmp_path / 'z.png')
   predict.run(config, workdir, images=str(tmp_path / 'z.png'), classes='sand,sky',

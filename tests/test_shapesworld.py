@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from data_prep import shapesworld as sw
-from zegformer_jax import tfrecord
+from zegformer_jax.projects.shapesworld import world as sw
+from zegformer_jax.data import tfrecord
 
 SMALL = dict(num_train=40, num_val=12, image_size=64, num_shards=2)
 

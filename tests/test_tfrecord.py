@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from zegformer_jax import data_source
-from zegformer_jax import tfrecord
+from zegformer_jax.data import data_source
+from zegformer_jax.data import tfrecord
 
 
 # ----------------------------------------------------------------------------- CRC32C

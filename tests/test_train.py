@@ -14,11 +14,12 @@ from jax.sharding import PartitionSpec as P
 
 import train_cli
 from configs import shapesworld
-from zegformer_jax import checkpoints
-from zegformer_jax import optim
-from zegformer_jax import sharding
-from zegformer_jax import train
-from zegformer_jax.models import zegformer
+from zegformer_jax.training import checkpoints
+from zegformer_jax.training import optim
+from zegformer_jax.training import sharding
+from zegformer_jax.training import train
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import state as state_lib
 
 # The same overrides as tests/test_resume.py: its uninterrupted float32 run is shared.
 STEPS = 5
@@ -102,7 +103,7 @@ def test_state_sharding_of_the_model_with_fsdp():
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
   model = zegformer.build_model(config.model)
   optimizer_fn = functools.partial(optim.make_optimizer, config.optim, 10)
-  abstract, shardings = train.create_train_state(
+  abstract, shardings = state_lib.create_train_state(
       config, model, optimizer_fn, 5, mesh, jax.random.key(0), abstract_only=True)
   specs = {jax.tree_util.keystr(k): (x.shape, s.spec) for (k, x), s in zip(
       jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings))}
@@ -161,7 +162,7 @@ def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, tmp_
   with config.unlocked():
     config.model.backbone.freeze_at = 2
   model = zegformer.build_model(config.model)
-  abstract, _ = train.create_train_state(config, model, train.make_optimizer_fn(config, 2), 26,
+  abstract, _ = state_lib.create_train_state(config, model, state_lib.make_optimizer_fn(config, 2), 26,
                                          sharding.mesh_from_config(config),
                                          jax.random.key(config.seed), abstract_only=True)
   ckpt = checkpoints.Checkpointer(workdir, 3, 1)

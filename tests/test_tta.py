@@ -1,14 +1,15 @@
-"""Test-time augmentation (tta.py, evaluate.make_scores_fn) against numpy / Pillow oracles."""
+"""Test-time augmentation (tta.py, segmenter.make_scores_fn) against numpy / Pillow oracles."""
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from zegformer_jax import augment
-from zegformer_jax import evaluate
-from zegformer_jax import inference
-from zegformer_jax import tta
+from zegformer_jax.data import augment
+from zegformer_jax.evaluation import evaluator
+from zegformer_jax.modeling import inference
+from zegformer_jax.modeling import tta
+from zegformer_jax.modeling import segmenter
 
 
 def _cfgs(min_sizes=(), flip=False, max_size=0, min_test=16, max_test=40, div=4):
@@ -151,11 +152,11 @@ def test_tta_scores_average_the_views():
   cfg = _scores_config((16, 24), True)
   view_shapes = tta.padded_view_shapes(cfg.eval, cfg.input, [tuple(h) for h in label_hw])
   test_batch['view_hw'] = tta.view_sizes(cfg.eval, cfg.input, label_hw)
-  got = np.asarray(evaluate.make_scores_fn(cfg, model, ('seg',), label_static,
+  got = np.asarray(segmenter.make_scores_fn(cfg, model, ('seg',), label_static,
                                            view_shapes=view_shapes)(
       None, None, test_batch, text, seen, None, None)['seg'])
 
-  plain_fn = evaluate.make_scores_fn(_scores_config((), False), model, ('seg',), label_static)
+  plain_fn = segmenter.make_scores_fn(_scores_config((), False), model, ('seg',), label_static)
   plain = lambda *a: plain_fn(*a)['seg']
   want = np.zeros_like(got)
   for size in (16, 24):
@@ -184,4 +185,4 @@ def test_tta_scores_average_the_views():
 def test_tta_without_view_shapes_is_an_error():
   cfg = _scores_config((16, 24), False)
   with pytest.raises(ValueError, match='aug_min_sizes'):
-    evaluate.make_scores_fn(cfg, _PixelModel(), ('seg',), (24, 28))
+    segmenter.make_scores_fn(cfg, _PixelModel(), ('seg',), (24, 28))

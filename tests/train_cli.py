@@ -4,7 +4,7 @@ Not a test module. The runs use the ShapesWorld smoke config with:
   * one ShapesWorld smoke dataset, miniature CLIP and text-embedding cache per test session,
     shared by every run (--config.dataset.data_dir / --config.clip.model_path), generated
     once under a file lock (pytest-xdist workers share it);
-  * no backbone pretraining (--config.backbone_pretrain.steps=0; tests/test_backbone_pretrain.py
+  * no backbone pretraining (--config.shapesworld.backbone_pretrain.steps=0; tests/test_backbone_pretrain.py
     covers it): the runs start from random weights;
   * a persistent XLA compilation cache shared by every run (the train step itself is never
     cached: it holds a host callback, the Hungarian matching);
@@ -41,24 +41,24 @@ def shared_resources(tmp_path_factory) -> str:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not os.path.exists(os.path.join(root, 'ready')):
       from configs import shapesworld
-      from zegformer_jax import input_pipeline
-      from zegformer_jax import train
+      from zegformer_jax.data import input_pipeline
+      from zegformer_jax.training import train
       config = shapesworld.get_config('smoke')
       with config.unlocked():
         config.dataset.data_dir = os.path.join(root, 'data')
         config.clip.model_path = os.path.join(root, 'clip')
-      from data_prep import shapesworld as world
-      from zegformer_jax.models import clip
-      world.generate(config.dataset.data_dir, seed=config.dataset.world_seed,
-                     split=config.dataset.world_split, num_train=config.dataset.num_train,
-                     num_val=config.dataset.num_val, image_size=config.dataset.image_size,
-                     unseen_in_train=config.dataset.unseen_in_train)
+      from zegformer_jax.projects.shapesworld import world as world
+      from zegformer_jax.modeling import clip
+      world.generate(config.dataset.data_dir, seed=config.shapesworld.seed,
+                     split=config.shapesworld.split, num_train=config.shapesworld.num_train,
+                     num_val=config.shapesworld.num_val, image_size=config.shapesworld.image_size,
+                     unseen_in_train=config.shapesworld.unseen_in_train)
       if not os.path.exists(os.path.join(config.clip.model_path, 'config.json')):
-        seen, unseen = world.class_names(config.dataset.world_split)
+        seen, unseen = world.class_names(config.shapesworld.split)
         words = sorted({w for name in seen + unseen for w in name.replace(',', ' ').split()})
         clip.create_tiny_clip(config.clip.model_path, vocab_words=words, seed=config.seed)
       names, _ = input_pipeline.dataset_classes(config.dataset.data_dir, 'train')
-      train.class_text_embeddings(config, root, names, config.clip.train_prompts)
+      clip.class_text_embeddings(config, root, names, config.clip.train_prompts)
       open(os.path.join(root, 'ready'), 'w').close()
   return root
 
@@ -107,7 +107,7 @@ def main_args(workdir: str, resources: str, *overrides: str, mode: str = 'train'
           f'--config.dataset.data_dir={resources}/data',
           f'--config.clip.model_path={resources}/clip',
           # Backbone pretraining has its own tests; these runs start from random weights.
-          '--config.backbone_pretrain.steps=0', *overrides]
+          '--config.shapesworld.backbone_pretrain.steps=0', *overrides]
 
 
 def command(args: list, processes: int = 1, devices: int = 1) -> list:

@@ -1,9 +1,9 @@
 r"""Time of one training step of a config's model, on synthetic batches.
 
-  python -m zegformer_jax.bench_step [--config configs/shapesworld.py] [--steps 150] \
-      [--warmup 5] [--num_classes 26]
+  python -m zegformer_jax.tools.bench_step [--config configs/shapesworld.py[:arg]] \
+      [--config.key=value ...] [--steps 150] [--warmup 5] [--num_classes 26]
 
-The step is the one `train` runs (train.make_train_step: forward, Hungarian matching on the
+The step is the one training runs (train.make_train_step: forward, Hungarian matching on the
 host or on device as config.loss.matcher says, the set losses, AdamW), on the config's
 global batch at its crop size, from a random initialisation. Batches are synthetic: each
 image holds a random number of regions (1 to input.max_masks) of distinct random classes, so
@@ -15,12 +15,26 @@ the same step time (BENCHMARKS.md gives the figure next to each demo run).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import time
-from typing import Sequence
 
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
+
+from zegformer_jax import cli
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs', 'shapesworld.py')
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  cli.define_config_flag(_DEFAULT_CONFIG)
+  flags.DEFINE_integer('steps', 150, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 5, 'Untimed steps after the first (compiling) one.')
+  flags.DEFINE_integer('num_classes', 26, 'Training classes (ShapesWorld default split: 26).')
 
 
 def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
@@ -49,15 +63,16 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
 def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
   """{'first_step_s' (compilation included), 'step_ms', 'final_loss'}."""
   import jax
-  from zegformer_jax import sharding
-  from zegformer_jax import train
-  from zegformer_jax.models import zegformer
+  from zegformer_jax.modeling import zegformer
+  from zegformer_jax.training import sharding
+  from zegformer_jax.training import state as state_lib
+  from zegformer_jax.training import train
 
   mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
-  optimizer_fn = train.make_optimizer_fn(config, max(steps, 1))
-  state, state_sharding = train.create_train_state(config, model, optimizer_fn, num_classes,
-                                                   mesh, jax.random.key(config.seed))
+  optimizer_fn = state_lib.make_optimizer_fn(config, max(steps, 1))
+  state, state_sharding = state_lib.create_train_state(
+      config, model, optimizer_fn, num_classes, mesh, jax.random.key(config.seed))
   step = train.make_train_step(config, model, optimizer_fn(state['params']), mesh,
                                state_sharding)
   rng = np.random.default_rng(1)
@@ -81,20 +96,15 @@ def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
           'final_loss': float(metrics['loss'])}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/shapesworld.py', help='file.py[:arg]')
-  p.add_argument('--steps', type=int, default=150)
-  p.add_argument('--warmup', type=int, default=5)
-  p.add_argument('--num_classes', type=int, default=26,
-                 help='training classes (ShapesWorld default split: 26)')
-  a = p.parse_args(argv)
-  from zegformer_jax import bench_input
-  config = bench_input.load_config(a.config)
-  result = measure(config, a.num_classes, a.steps, a.warmup)
-  print(json.dumps(dict(config=a.config, batch=config.input.global_batch_size,
-                        crop=config.input.crop_size, **result)))
+def main(argv) -> None:
+  del argv
+  config = FLAGS.config
+  result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup)
+  print(json.dumps(dict(config=config_flags.get_config_filename(FLAGS['config']),
+                        batch=config.input.global_batch_size, crop=config.input.crop_size,
+                        **result)))
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main)

@@ -1,59 +1,61 @@
 r"""`make demo`: ShapesWorld end to end on CPU.
 
-  generate the world -> pretrain the miniature CLIP on all classes -> train ZegFormer on the
-  seen classes -> evaluate ZegFormer-seg, ZegFormer-img and the fused ZegFormer on all
-  classes (metrics_{seg,img,full}.json) -> prediction overlays of a few validation images.
+  generate the world -> pretrain the miniature CLIP on all classes and the backbone on
+  seen-class scenes (prepare) -> train ZegFormer on the seen classes -> evaluate
+  ZegFormer-seg, ZegFormer-img and the fused ZegFormer on all classes
+  (metrics_{seg,img,full}.json) -> prediction overlays of a few validation images.
 
 With the config's test-time augmentation on (ShapesWorld: two sizes, each flipped), the
 single-view results are written too (metrics_{seg,img,full}_single_view.json), so one run
-shows both.
-
-The first three steps are what
+shows both. The first steps are what
 
   python -m zegformer_jax.main --config configs/shapesworld.py --workdir runs/shapesworld \
       --variants seg,img,full
 
-does; `--config_arg` / `--set key=value` choose another seed or split
-(e.g. --set dataset.world_split=alt --set seed=1).
+does. Another world or seed is a config override, as for main:
+
+  python -m zegformer_jax.projects.shapesworld.demo --config.shapesworld.split=alt \
+      --config.shapesworld.seed=1 --config.seed=1
 """
 import os
 import time
 
-from absl import app
 from absl import flags
 
-flags.DEFINE_string('workdir', 'runs/shapesworld', 'Where the demo writes everything.')
-flags.DEFINE_string('config_arg', '', 'Argument of configs/shapesworld.py (e.g. smoke).')
-flags.DEFINE_list('variants', ['seg', 'img', 'full'], 'Evaluation variants.')
-flags.DEFINE_multi_string('set', [], 'Config override key=value (e.g. dataset.world_split=alt).')
-flags.DEFINE_integer('num_overlays', 4, 'Validation images to write prediction overlays for.')
+from zegformer_jax import cli
+
+_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), 'configs', 'shapesworld.py')
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  cli.define_config_flag(_CONFIG_FILE)
+  flags.DEFINE_string('workdir', 'runs/shapesworld', 'Where the demo writes everything.')
+  flags.DEFINE_list('variants', ['seg', 'img', 'full'], 'Evaluation variants.')
+  flags.DEFINE_integer('num_overlays', 4, 'Validation images to write prediction overlays for.')
 
 
 def main(argv):
   del argv
-  from configs import common
-  from configs import shapesworld
-  from zegformer_jax import evaluate
-  from zegformer_jax import train
-  from zegformer_jax import tta
+  from zegformer_jax.evaluation import evaluator
+  from zegformer_jax.modeling import tta
+  from zegformer_jax.projects.shapesworld import prepare
+  from zegformer_jax.training import train
   t0 = time.time()
-  config = shapesworld.get_config(FLAGS.config_arg or None)
-  for item in FLAGS.set:
-    key, value = item.split('=', 1)
-    common.override(config, key, value)
   os.makedirs(FLAGS.workdir, exist_ok=True)
+  config = prepare.prepare(FLAGS.config, FLAGS.workdir)
   summary = train.train(config, FLAGS.workdir)
-  _, state = evaluate.load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
-  results = evaluate.evaluate_variants(config, FLAGS.workdir, FLAGS.variants, state=state)
+  _, state = evaluator.load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
+  results = evaluator.evaluate_variants(config, FLAGS.workdir, FLAGS.variants, state=state)
   overlays = write_overlays(config, FLAGS.workdir, FLAGS.num_overlays)
   single = {}
   if tta.enabled(config.eval, config.input):
     plain = config.copy_and_resolve_references()
     with plain.unlocked():
       plain.eval.aug_min_sizes, plain.eval.aug_flip, plain.eval.aug_max_size = (), False, 0
-    single = evaluate.evaluate_variants(plain, FLAGS.workdir, FLAGS.variants, state=state,
-                                        tag='single_view')
+    single = evaluator.evaluate_variants(plain, FLAGS.workdir, FLAGS.variants, state=state,
+                                         tag='single_view')
   print(f'\nShapesWorld demo finished in {time.time() - t0:.0f} s '
         f'({summary["final_step"]} steps, final loss {summary["final_loss"]:.4f})')
   for tag, res in (('', results), ('_single_view', single)):
@@ -72,11 +74,10 @@ def write_overlays(config, workdir, n):
   if n <= 0:
     return []
   from PIL import Image
-  from zegformer_jax import data_source
-  from zegformer_jax import input_pipeline
-  from zegformer_jax import predict
-  from zegformer_jax import resources
-  data_dir = resources.data_dir(config, workdir)
+  from zegformer_jax.data import data_source
+  from zegformer_jax.data import input_pipeline
+  from zegformer_jax.tools import predict
+  data_dir = config.dataset.data_dir
   source, _ = data_source.open_split(data_dir, config.dataset.eval_split)
   names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.eval_split)
   inputs = os.path.join(workdir, 'predict_inputs')
@@ -96,4 +97,5 @@ def write_overlays(config, workdir, n):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  cli.run(main)

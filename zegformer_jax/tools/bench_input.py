@@ -1,7 +1,8 @@
 r"""Throughput of the training input pipeline (images/s) per grain worker count.
 
-  python -m zegformer_jax.bench_input --config configs/coco_stuff_r50.py --data_dir DIR \
-      [--make_fake N] [--workers 0,1,2] [--batches 20] [--batch_size 8] [--warmup 2]
+  python -m zegformer_jax.tools.bench_input --config configs/coco_stuff_r50.py --data_dir DIR \
+      [--config.input.min_size_train=...] [--make_fake N] [--workers 0,1,2] [--batches 20] \
+      [--batch_size 8] [--warmup 2] [--convert_workers 4]
 
 Without --make_fake, DIR is a converted dataset (dataset_info.json and the TFRecords of the
 config's train split). With --make_fake N, a fake COCO-Stuff raw tree of N realistic train
@@ -11,38 +12,36 @@ written to DIR/raw, converted by data_prep.coco_stuff into DIR/converted, and be
 (both steps are skipped when their output already exists).
 
 The pipeline is input_pipeline.make_train_iterator with the config's augmentation (for
-coco_stuff_r50: ResizeShortestEdge 320..960, random crop 640, colour jitter, flip, targets);
-only the batch size and the worker count are overridden. For each worker count the first
+coco_stuff_r50: ResizeShortestEdge 320..960, random crop 640, colour jitter, flip, targets;
+--config.key=value overrides apply); the batch size (--batch_size) and the worker count
+(--workers) replace the config's. For each worker count the first
 batch (worker start-up) and --warmup batches are not timed; then --batches batches are.
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import os
 import sys
 import time
 from typing import Sequence
 
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 from PIL import Image
+
+from zegformer_jax import cli
 
 FAKE_SIZE = (480, 640)  # h, w
 CLASSES_PER_IMAGE = 10
 
 
 def load_config(spec: str):
-  """configs/<name>.py[:arg] -> the ConfigDict of its get_config(arg)."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} not found')
+  """configs/<name>.py[:arg] -> the ConfigDict of its get_config(arg) (cli.load_config)."""
+  path = spec.partition(':')[0]
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:  # configs import each other as the package `configs`
-    sys.path.insert(0, root)
-  mod_spec = importlib.util.spec_from_file_location('_bench_config', path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  if os.path.isfile(path) and root not in sys.path:
+    sys.path.insert(0, root)  # configs import each other as the package `configs`
+  return cli.load_config(spec)
 
 
 def _smooth(rng: np.random.Generator, n: int, h: int, w: int, cells: int) -> np.ndarray:
@@ -76,7 +75,7 @@ def fake_example(rng: np.random.Generator, valid_ids: np.ndarray
 
 def make_fake_coco(raw_dir: str, num_train: int, seed: int = 0) -> None:
   """Writes images/{train2017,val2017}/*.jpg and annotations/{...}/*.png under raw_dir."""
-  from zegformer_jax import datasets_meta  # pylint: disable=g-import-not-at-top
+  from zegformer_jax.data import datasets_meta  # pylint: disable=g-import-not-at-top
   valid = np.asarray([c['id'] for c in datasets_meta.classes('coco_stuff')])
   for folder, n in (('train2017', num_train), ('val2017', max(2, num_train // 8))):
     os.makedirs(os.path.join(raw_dir, 'images', folder), exist_ok=True)
@@ -94,7 +93,7 @@ def make_fake_coco(raw_dir: str, num_train: int, seed: int = 0) -> None:
 
 def bench(config, data_dir: str, workers: int, batches: int, warmup: int) -> dict:
   """Times `batches` batches of the training pipeline with `workers` grain workers."""
-  from zegformer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from zegformer_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config.input.num_workers = workers
   start = time.perf_counter()
   it = input_pipeline.make_train_iterator(config, data_dir, 0, 1)
@@ -114,51 +113,81 @@ def bench(config, data_dir: str, workers: int, batches: int, warmup: int) -> dic
           's_per_batch': seconds / batches, 'batch_shape': shape}
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__)
-  p.add_argument('--config', required=True, help='configs/<name>.py[:arg]')
-  p.add_argument('--data_dir', required=True)
-  p.add_argument('--make_fake', type=int, default=0,
-                 help='N > 0: create and convert a fake COCO-Stuff tree of N train images')
-  p.add_argument('--workers', default='0,1,2', help='comma-separated grain worker counts')
-  p.add_argument('--batches', type=int, default=20, help='timed batches per worker count')
-  p.add_argument('--warmup', type=int, default=2, help='untimed batches after the first')
-  p.add_argument('--batch_size', type=int, default=8, help='global batch size')
-  p.add_argument('--convert_workers', type=int, default=min(4, os.cpu_count() or 1))
-  a = p.parse_args(argv)
-  config = load_config(a.config)
-  config.input.global_batch_size = a.batch_size
-  data_dir = a.data_dir
-  if a.make_fake > 0:
+def run(config, data_dir: str, *, make_fake: int = 0, workers: Sequence[int] = (0, 1, 2),
+        batches: int = 20, warmup: int = 2, batch_size: int = 8,
+        convert_workers: int = min(4, os.cpu_count() or 1), config_name: str = '') -> list[dict]:
+  """The benchmark of the module docstring; prints a table and returns bench()'s rows."""
+  config.input.global_batch_size = batch_size
+  if make_fake > 0:
     from data_prep import coco_stuff  # pylint: disable=g-import-not-at-top
-    raw = os.path.join(a.data_dir, 'raw')
-    data_dir = os.path.join(a.data_dir, 'converted')
+    raw = os.path.join(data_dir, 'raw')
+    data_dir = os.path.join(data_dir, 'converted')
     if not os.path.isdir(os.path.join(raw, 'images')):
       t = time.perf_counter()
-      make_fake_coco(raw, a.make_fake)
-      print(f'fake COCO-Stuff raw tree: {a.make_fake} train images in {raw} '
+      make_fake_coco(raw, make_fake)
+      print(f'fake COCO-Stuff raw tree: {make_fake} train images in {raw} '
             f'({time.perf_counter() - t:.1f} s)')
     t = time.perf_counter()
-    coco_stuff.convert(raw, data_dir, workers=a.convert_workers)  # resumes if already done
+    coco_stuff.convert(raw, data_dir, workers=convert_workers)  # resumes if already done
     print(f'converted into {data_dir} ({time.perf_counter() - t:.1f} s)')
   inp = config.input
-  print(f'config {a.config}: min_size_train {inp.min_size_train[0]}..{inp.min_size_train[-1]}'
-        f' (max {inp.max_size_train}), crop {inp.crop_size}, color_aug '
+  print(f'config {config_name}: min_size_train {inp.min_size_train[0]}..'
+        f'{inp.min_size_train[-1]} (max {inp.max_size_train}), crop {inp.crop_size}, color_aug '
         f'{inp.color_aug_ssd}, max_masks {inp.max_masks}, batch {inp.global_batch_size}, '
         f'prefetch {inp.prefetch}; {os.cpu_count()} CPUs')
   rows = []
-  for w in (int(x) for x in a.workers.split(',') if x.strip()):
-    rows.append(bench(config, data_dir, w, a.batches, a.warmup))
+  for w in workers:
+    rows.append(bench(config, data_dir, w, batches, warmup))
     r = rows[-1]
     print(f'  workers={w}: {r["images_per_s"]:.1f} images/s', flush=True)
-  print(f'\n| workers | images/s | s/batch | first batch s |\n|---|---|---|---|')
+  print('\n| workers | images/s | s/batch | first batch s |\n|---|---|---|---|')
   for r in rows:
     print(f'| {r["workers"]} | {r["images_per_s"]:.1f} | {r["s_per_batch"]:.3f} | '
           f'{r["first_batch_s"]:.1f} |')
   return rows
 
 
+def define_flags() -> None:
+  """The flags of `python -m zegformer_jax.tools.bench_input`.
+
+  Defined by the entry point only, not on import: bench_step imports this module, and
+  --config, --workers or --warmup would clash with the flags of other programs.
+  """
+  cli.define_config_flag()
+  flags.mark_flag_as_required('config')
+  flags.DEFINE_string('data_dir', None,
+                      'A converted dataset (dataset_info.json and the TFRecords of the '
+                      "config's train split); with --make_fake, where the fake tree goes.",
+                      required=True)
+  flags.DEFINE_integer('make_fake', 0,
+                       'N > 0: create and convert a fake COCO-Stuff tree of N train images '
+                       'under --data_dir (raw/, converted/), then benchmark it.', lower_bound=0)
+  flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain worker counts to time, comma-separated.')
+  flags.DEFINE_integer('batches', 20, 'Timed batches per worker count.', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'Untimed batches after the first.', lower_bound=0)
+  flags.DEFINE_integer('batch_size', 8, 'Global batch size.', lower_bound=1)
+  flags.DEFINE_integer('convert_workers', min(4, os.cpu_count() or 1),
+                       'Converter processes for --make_fake.', lower_bound=0)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  config_spec = config_flags.get_config_filename(f['config'])
+  config_path = config_spec.partition(':')[0]
+  if not os.path.isfile(config_path):  # config_flags defers this error to the first access
+    raise FileNotFoundError(f'config file {config_path} does not exist')
+  try:
+    workers = [int(w) for w in f.workers]
+  except ValueError:
+    raise ValueError(f'--workers must be comma-separated integers, got {",".join(f.workers)!r}'
+                     ) from None
+  run(f.config, f.data_dir, make_fake=f.make_fake, workers=workers, batches=f.batches,
+      warmup=f.warmup, batch_size=f.batch_size, convert_workers=f.convert_workers,
+      config_name=config_spec)
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main)

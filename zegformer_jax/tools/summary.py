@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from zegformer_jax.models import zegformer
+from zegformer_jax.modeling import zegformer
 
 
 def _count(tree) -> int:

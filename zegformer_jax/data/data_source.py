@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from zegformer_jax import tfrecord
+from zegformer_jax.data import tfrecord
 
 
 class TFRecordDataSource:

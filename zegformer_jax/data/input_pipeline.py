@@ -60,9 +60,9 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from zegformer_jax import augment
-from zegformer_jax import data_source
-from zegformer_jax import tfrecord
+from zegformer_jax.data import augment
+from zegformer_jax.data import data_source
+from zegformer_jax.data import tfrecord
 
 _AUG_SALT = 0x5EED  # separates the augmentation streams from other uses of shuffle_seed
 
@@ -82,6 +82,17 @@ def _local_batch(global_batch: int, process_count: int, what: str) -> int:
     raise ValueError(f'{what}={global_batch} is not divisible by the process count '
                      f'{process_count}')
   return global_batch // process_count
+
+
+def data_dir(config) -> str:
+  """config.dataset.data_dir, checked: a directory of TFRecord shards and dataset_info.json."""
+  path = config.dataset.data_dir
+  if not path or not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'dataset directory {path!r} (config.dataset.data_dir) does not exist; convert the '
+        f'raw dataset with `python -m data_prep.{config.dataset.name or "<dataset>"} '
+        f'--input_dir RAW --output_dir {path or "DIR"}` or set --config.dataset.data_dir')
+  return path
 
 
 def dataset_classes(data_dir: str, split: str) -> tuple[list[str], np.ndarray]:

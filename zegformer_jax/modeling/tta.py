@@ -24,8 +24,8 @@ from typing import Sequence, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from zegformer_jax import augment
-from zegformer_jax import input_pipeline
+from zegformer_jax.data import augment
+from zegformer_jax.data import input_pipeline
 
 
 def views(eval_cfg, input_cfg) -> tuple[tuple[int, bool], ...]:

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zegformer_jax.models.pixel_decoder import BasePixelDecoder
-from zegformer_jax.models.resnet import Conv2d, ResNet, c2_xavier_fill
-from zegformer_jax.models.transformer import TransformerDecoder
-from zegformer_jax.models.transformer import position_embedding_sine
-from zegformer_jax.models.transformer import torch_linear_bias_init
+from zegformer_jax.modeling.pixel_decoder import BasePixelDecoder
+from zegformer_jax.modeling.resnet import Conv2d, ResNet, c2_xavier_fill
+from zegformer_jax.modeling.transformer import TransformerDecoder
+from zegformer_jax.modeling.transformer import position_embedding_sine
+from zegformer_jax.modeling.transformer import torch_linear_bias_init
 
 # PyTorch's default nn.Linear init (kaiming_uniform with a=sqrt(5)): U(+-1/sqrt(fan_in)) for
 # the weight; the bias is U(+-1/sqrt(fan_in)) as well. mask_embed and projection_layer use it.

@@ -1,8 +1,8 @@
-r"""ShapesWorld: a procedurally generated zero-shot segmentation world (ARCHITECTURE.md).
+r"""ShapesWorld: a procedurally generated zero-shot segmentation world.
 
-  python -m data_prep.shapesworld --output_dir DIR [--seed 0] [--split default] \
-      [--num_train 8000] [--num_val 200] [--image_size 64] [--num_shards 4] \
-      [--unseen_in_train absent|ignored] [--workers N]
+`generate(DIR, seed=..., split=..., ...)` writes it as TFRecord shards with dataset_info.json,
+like the data_prep converters do for the real datasets; `prepare.world_dir` calls it with
+the config's shapesworld settings.
 
 Each image has one or two background "stuff" regions (procedural textures: sand, water,
 grass, brick wall, wood, sky, snow, carpet) and 1-3 "thing" objects (shape x colour, e.g.
@@ -35,7 +35,6 @@ miniature CLIP on all classes), and `class_names(split)` returns (seen, unseen).
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import math
@@ -46,7 +45,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from zegformer_jax import tfrecord
+from zegformer_jax.data import tfrecord
 
 GENERATOR_VERSION = 2
 IGNORE_VALUE = 255
@@ -462,6 +461,18 @@ def _settings(seed, split, num_train, num_val, image_size, num_shards,
           'unseen_in_train': unseen_in_train}
 
 
+def check_settings(path: str, what: str, have: dict, wanted: dict) -> None:
+  """Raises ValueError naming every setting of `wanted` that the existing `have` differs in.
+
+  For directories made once and reused (the miniature CLIP, the pretrained backbone): reusing
+  one made with other settings would silently change the experiment.
+  """
+  if have != wanted:
+    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    raise ValueError(f'{path} holds {what} with other settings ((existing, requested) = '
+                     f'{diff}); remove it or use another workdir')
+
+
 def _existing(output_dir: str, settings: dict) -> dict | None:
   path = os.path.join(output_dir, tfrecord.DATASET_INFO_FILE)
   if not os.path.isfile(path):
@@ -546,32 +557,3 @@ def generate(output_dir: str, *, seed: int = 0, split: str = 'default', num_trai
   }
   tfrecord.write_dataset_info(output_dir, info)
   return tfrecord.read_dataset_info(output_dir)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--output_dir', required=True)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--split', default='default', choices=sorted(UNSEEN))
-  p.add_argument('--num_train', type=int, default=8000)
-  p.add_argument('--num_val', type=int, default=200)
-  p.add_argument('--image_size', type=int, default=64)
-  p.add_argument('--num_shards', type=int, default=4)
-  p.add_argument('--unseen_in_train', default='absent', choices=UNSEEN_IN_TRAIN)
-  p.add_argument('--overwrite', action='store_true')
-  p.add_argument('--workers', type=int, default=None,
-                 help='rendering processes (default: one per CPU; the output is the same)')
-  a = p.parse_args(argv)
-  t = time.time()
-  info = generate(a.output_dir, seed=a.seed, split=a.split, num_train=a.num_train,
-                  num_val=a.num_val, image_size=a.image_size, num_shards=a.num_shards,
-                  unseen_in_train=a.unseen_in_train, overwrite=a.overwrite,
-                  workers=a.workers)
-  seen, unseen = class_names(a.split)
-  print(f'ShapesWorld ({a.split}) in {a.output_dir}: '
-        + ', '.join(f'{s} {v["num_examples"]}' for s, v in info['splits'].items())
-        + f'; {len(seen)} seen + {len(unseen)} unseen classes; {time.time() - t:.1f} s')
-
-
-if __name__ == '__main__':
-  main()

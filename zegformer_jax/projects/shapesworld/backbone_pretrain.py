@@ -4,10 +4,11 @@ Every official ZegFormer config starts its ResNet from ImageNet weights that wer
 with batch norm and are then frozen (FrozenBN). ShapesWorld has no ImageNet, and a backbone
 trained from scratch inside the segmentation model learns colour long before shape (the
 probe in BENCHMARKS.md). So, before ZegFormer trains, `make demo` gives the same ResNet
-(config.model.backbone) a pretrained start, with one of two tasks (backbone_pretrain.task):
+(config.model.backbone) a pretrained start, with one of two tasks
+(config.shapesworld.backbone_pretrain.task):
 
 - 'classify' (image level, as ImageNet): single-object pictures of the SEEN classes
-  (data_prep.shapesworld render_class_crop: a thing on a grey or textured ground, or a
+  (world.render_class_crop: a thing on a grey or textured ground, or a
   stuff texture), rendered once into a class-balanced pool; global average pool of res5,
   one Dense classifier.
 - 'dense' (pixel level): scenes holding only SEEN classes (render_scene), rendered once into
@@ -23,17 +24,14 @@ probe in BENCHMARKS.md). So, before ZegFormer trains, `make demo` gives the same
   variables of the same names (`fold_batch_norm`), exactly as detectron2 turns an ImageNet
   BN checkpoint into FrozenBN. Held-out accuracy (per picture, or per pixel) is measured
   through the FOLDED network, so a wrong fold shows up in the statistics.
-- output: a `zegformer_jax.convert` directory (convert_meta.json + params/, covers
+- output: a weights store (zegformer_jax.weights.store: meta file + params/, covers
   params/backbone and frozen/backbone) that `--config.train.init_from` loads like an
   ImageNet ResNet conversion; the head is not kept. Assembled beside the target and
   renamed into place, so a directory is complete or absent; `ensure_backbone` reuses a
-  complete one made with the same settings.
-
-  python -m zegformer_jax.backbone_pretrain --output_dir DIR [--split default] [--seed 0]
+  complete one made with the same settings (prepare.backbone_dir).
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import json
@@ -51,9 +49,9 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from zegformer_jax import convert
-from zegformer_jax import resources
-from zegformer_jax.models.resnet import FROZEN, ResNet
+from zegformer_jax.weights import store
+from zegformer_jax.modeling.resnet import FROZEN, ResNet
+from zegformer_jax.projects.shapesworld import world as sw
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +132,15 @@ def fold_batch_norm(params: Mapping, batch_stats: Mapping) -> Dict[Tuple[str, ..
 
 def settings_from_config(config) -> Dict[str, Any]:
   """Everything that decides the pretrained backbone, as JSON values."""
-  b, p = config.model.backbone, config.backbone_pretrain
+  b, p = config.model.backbone, config.shapesworld.backbone_pretrain
   if p.task not in TASKS:
-    raise ValueError(f'config.backbone_pretrain.task must be one of {TASKS}; got {p.task!r}')
+    raise ValueError(f'config.shapesworld.backbone_pretrain.task must be one of {TASKS}; '
+                     f'got {p.task!r}')
   # Only the task's own pool sizes: changing the other task's does not redo a pretraining.
   pools = (dict(pool_scenes=int(p.pool_scenes), eval_scenes=int(p.eval_scenes))
            if p.task == 'dense' else
            dict(pool_per_class=int(p.pool_per_class), eval_per_class=int(p.eval_per_class)))
-  return dict(world_split=config.dataset.world_split, seed=int(config.seed),
+  return dict(world_split=config.shapesworld.split, seed=int(config.seed),
               task=str(p.task), steps=int(p.steps), batch_size=int(p.batch_size),
               lr=float(p.lr), image_size=int(p.image_size), **pools,
               pixel_mean=[float(v) for v in config.model.pixel_mean],
@@ -154,7 +153,6 @@ def settings_from_config(config) -> Dict[str, Any]:
 def render_pool(class_names, per_class: int, *, seed: int, stream: int,
                 size: int) -> Tuple[np.ndarray, np.ndarray]:
   """(images uint8 [N, size, size, 3], labels int32 [N]), per_class pictures per class."""
-  from data_prep import shapesworld as sw
   images, labels = [], []
   for c, name in enumerate(class_names):
     for j in range(per_class):
@@ -173,7 +171,6 @@ def render_scene_pool(world_split: str, num: int, *, seed: int, stream: int,
   Scene j has its own generator (seed, stream, j), so `workers` (rendering processes,
   shapesworld.parallel_map) does not change the pool.
   """
-  from data_prep import shapesworld as sw
   seen, _ = sw.class_names(world_split)
   lut = sw.label_lut(world_split, 'train').astype(np.int32)
   render = functools.partial(sw.render_keyed_scene, size=size, classes=tuple(seen))
@@ -217,7 +214,6 @@ def _pool(s: Mapping[str, Any], seen, stream: int) -> Tuple[np.ndarray, np.ndarr
 
 def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> Dict[str, Any]:
   """Pretrains the backbone with settings `s` (settings_from_config) into `path`."""
-  from data_prep import shapesworld as sw
   start = time.time()
   path = os.path.abspath(os.fspath(path))
   seen, _ = sw.class_names(s['world_split'])
@@ -297,13 +293,13 @@ def pretrain_backbone(path: str, s: Mapping[str, Any], log_every: int = 250) -> 
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix='.tmp-backbone-')
   try:
-    convert.save_params(os.path.join(tmp, convert.PARAMS_DIR), backbone_only)
-    meta = {'format': convert.META_FORMAT, 'version': convert.META_VERSION,
+    store.save_params(os.path.join(tmp, store.PARAMS_DIR), backbone_only)
+    meta = {'format': store.META_FORMAT, 'version': store.META_VERSION,
             'source_format': SOURCE_FORMAT, 'input': None, 'config': None,
             'covers': list(COVERS), 'absent': [], 'skipped': {}, 'ignored': [],
             'num_variables': len(backbone_only), 'clip': None,
             'notes': [f"ShapesWorld {s['task']} pretraining (zegformer_jax.backbone_pretrain)"]}
-    with open(os.path.join(tmp, convert.META_NAME), 'w', encoding='utf-8') as f:
+    with open(os.path.join(tmp, store.META_NAME), 'w', encoding='utf-8') as f:
       json.dump(meta, f, indent=1)
     # Written last: a directory holding this file is a finished pretraining.
     with open(os.path.join(tmp, STATS_FILE), 'w', encoding='utf-8') as f:
@@ -324,7 +320,7 @@ def ensure_backbone(path: str, s: Mapping[str, Any]) -> Dict[str, Any]:
   if os.path.isfile(file):
     with open(file, encoding='utf-8') as f:
       stats = json.load(f)
-    resources.check_settings(path, 'a backbone pretrained', stats.get('settings', {}),
+    sw.check_settings(path, 'a backbone pretrained', stats.get('settings', {}),
                              json.loads(json.dumps(dict(s))))
     logger.info('reusing the pretrained backbone in %s', path)
     return stats
@@ -332,25 +328,3 @@ def ensure_backbone(path: str, s: Mapping[str, Any]) -> Dict[str, Any]:
     raise FileExistsError(f'{path} exists but holds no finished backbone pretraining '
                           f'({STATS_FILE} missing); remove it to pretrain there')
   return pretrain_backbone(path, s)
-
-
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--output_dir', required=True)
-  p.add_argument('--split', default='default', help='ShapesWorld split (dataset.world_split)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--steps', type=int, default=None, help='default: configs/shapesworld.py')
-  args = p.parse_args(argv)
-  from configs import shapesworld
-  config = shapesworld.get_config()
-  config.dataset.world_split, config.seed = args.split, args.seed
-  if args.steps is not None:
-    config.backbone_pretrain.steps = args.steps
-  logging.basicConfig(level=logging.INFO)
-  stats = ensure_backbone(args.output_dir, settings_from_config(config))
-  print(json.dumps({k: stats[k] for k in ('held_out_accuracy', 'held_out_accuracy_things',
-                                          'seconds')}, indent=1))
-
-
-if __name__ == '__main__':
-  main()

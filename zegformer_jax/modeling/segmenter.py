@@ -1,39 +1,25 @@
-"""Evaluation: semantic inference, calibration, confusion matrix, metrics JSON.
+"""The segmenter: per-pixel class scores of ZegFormer's variants (Eq. 1-3), with test views.
 
-For each batch, on device and under one jitted function:
+For a batch, under one function that evaluation and prediction jit:
   normalise (padding re-zeroed) -> model (final decoder layer)
   -> per-query class probabilities p_q(c):
        seg  : softmax over K+1, no-object dropped (Eq. 1 logits)
        img  : CLIP image embeddings of each segment's sub-image (Eq. 1 with A_q), with the
-              segmentation branch's no-object logit appended (reference section 3)
+              segmentation branch's no-object logit appended
        full : Eq. 3 fusion of the two with lambda
   -> mask logits upsampled to the padded input -> sum_q p_q(c) sigmoid(m_q)
   -> crop to the resized image, resize to the label's size -> minus gamma on seen classes
-     (Eq. 2) -> argmax -> confusion matrix, summed over the whole split on device.
-Several variants are evaluated in one pass (`evaluate_variants`): they share the model's
-forward pass and the image branch. With test-time augmentation (`tta`) the scores of every
-view are averaged before the argmax. The confusion matrices are reduced across processes by
-the sharded sum itself, so every process ends with the same matrices; process 0 writes
-`metrics_<variant>.json`.
+     (Eq. 2).
+Several variants share the model's forward pass and the image branch. With test-time
+augmentation (`tta`) the scores of every view are averaged.
 """
-import json
-import logging
-import os
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from configs import common as config_common
-from zegformer_jax import inference
-from zegformer_jax import input_pipeline
-from zegformer_jax import metrics as metrics_lib
-from zegformer_jax import preprocess
-from zegformer_jax import resources
-from zegformer_jax import sharding
-from zegformer_jax import tta
-from zegformer_jax.models import clip
+from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import inference
+from zegformer_jax.modeling import preprocess
+from zegformer_jax.modeling import tta
 
 VARIANTS = ('seg', 'img', 'full')
 
@@ -139,8 +125,8 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
     clip_inputs = None
     if any(v != 'seg' for v in variants):
       clip_inputs = dict(
-          image=preprocess.normalize(batch['image'], config_common.CLIP_PIXEL_MEAN,
-                                     config_common.CLIP_PIXEL_STD, batch['image_hw']),
+          image=preprocess.normalize(batch['image'], clip.CLIP_PIXEL_MEAN,
+                                     clip.CLIP_PIXEL_STD, batch['image_hw']),
           embed=lambda x: clip.image_embeddings(clip_model, x, params=clip_params),
           text=clip_text, scale=clip.clip_logit_scale(clip_params),
           size=clip_model.config.vision_config.image_size)
@@ -187,126 +173,11 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   return scores_tta
 
 
-def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_model=None,
-                   view_shapes=None):
-  """Jitted ((confs, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (confs, n).
-
-  confs maps each variant to its [K+1, K+1] confusion matrix (metrics.confusion_matrix); n
-  counts the valid (non-padding) images, summed over every process by the sharded
-  reduction. Label pixels beyond each label's own size hold the ignore value, so they never
-  count.
-  """
-  scores = make_scores_fn(config, model, variants, label_hw_static, clip_model, view_shapes)
-  ignore = config.dataset.ignore_value
-
-  def step(acc, params, frozen, batch, *args):
-    confs, count = acc
-    new = {}
-    for v, sem_seg in scores(params, frozen, batch, *args).items():
-      pred = jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
-      new[v] = confs[v] + metrics_lib.confusion_matrix(pred, batch['label'], num_classes,
-                                                       ignore, batch['example_valid'])
-    return new, count + jnp.sum(batch['example_valid'].astype(jnp.int32))
-
-  return jax.jit(step, donate_argnums=(0,))
-
-
 def image_branch(config, workdir, class_names, variants):
   """(CLIP model, its params, [K, D] image-branch text embeddings); Nones if only 'seg'."""
   if all(v == 'seg' for v in variants):
     return None, None, None
-  from zegformer_jax import train
-  clip_model, _ = clip.load_clip(resources.clip_dir(config, workdir))
-  clip_text = train.class_text_embeddings(config, workdir, class_names,
-                                          config.clip.image_prompts)
+  clip_model, _ = clip.load_clip(clip.clip_dir(config))
+  clip_text = clip.class_text_embeddings(config, workdir, class_names,
+                                         config.clip.image_prompts)
   return clip_model, clip_model.params, clip_text
-
-
-def load_trained_state(config, workdir):
-  """(model, state) of the latest checkpoint in `workdir` (train.load_latest_state)."""
-  from zegformer_jax import train  # train imports evaluate lazily; avoid a cycle
-  train_classes, _ = input_pipeline.dataset_classes(resources.data_dir(config, workdir),
-                                                    config.dataset.train_split)
-  return train.load_latest_state(config, workdir, len(train_classes))
-
-
-def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
-  """Evaluates one variant (default config.eval.variant); see `evaluate_variants`."""
-  variant = variant or config.eval.variant
-  return evaluate_variants(config, workdir, (variant,), state=state, split=split,
-                           tag=tag)[variant]
-
-
-def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=''):
-  """Evaluates the latest checkpoint (or `state`) on `split`, all variants in one pass.
-
-  Writes metrics_<variant>[_<tag>].json per variant and returns {variant: metrics}. The
-  variants share each batch's forward pass (and the image branch, for img and full).
-  """
-  from zegformer_jax import train  # train imports evaluate lazily; avoid a cycle
-  variants = check_variants(variants)
-  split = split or config.dataset.eval_split
-  mesh = sharding.mesh_from_config(config)
-  data_dir = resources.data_dir(config, workdir)
-  class_names, seen_mask = input_pipeline.dataset_classes(data_dir, split)
-  num_classes = len(class_names)
-  text = train.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
-  if state is None:
-    model, state = load_trained_state(config, workdir)
-  else:
-    from zegformer_jax.models import zegformer
-    model = zegformer.build_model(config.model)
-
-  clip_model, clip_params, clip_text = image_branch(config, workdir, class_names, variants)
-
-  view_shapes = None
-  if tta.enabled(config.eval, config.input):
-    view_shapes = tta.padded_view_shapes(
-        config.eval, config.input, input_pipeline.split_image_shapes(data_dir, split))
-
-  t0 = time.time()
-  acc = None
-  step_fn = None
-  text = sharding.replicate(text, mesh)
-  seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
-  for batch in input_pipeline.make_eval_batches(config, data_dir, split):
-    if view_shapes is not None:
-      batch['view_hw'] = tta.view_sizes(config.eval, config.input, batch['label_hw'])
-    dev_batch = sharding.shard_batch(batch, mesh)
-    if step_fn is None:
-      step_fn = make_eval_step(config, model, variants, num_classes,
-                               tuple(batch['label'].shape[1:3]), clip_model, view_shapes)
-      zeros = np.zeros((num_classes + 1, num_classes + 1), np.int32)
-      acc = sharding.replicate(({v: zeros for v in variants}, np.zeros((), np.int32)), mesh)
-    acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
-                  clip_params, clip_text)
-    if config.eval.max_images and int(acc[1]) >= config.eval.max_images:
-      break
-  if acc is None:
-    raise ValueError(f'split {split!r} in {data_dir} has no examples')
-  confs, num_images = jax.device_get(acc)
-  wall = round(time.time() - t0, 2)
-  results = {}
-  for variant in variants:
-    result = metrics_lib.compute_metrics(
-        np.asarray(confs[variant]), class_names, np.asarray(seen_mask, bool),
-        dataset=config.dataset.name, variant=variant, num_images=int(num_images))
-    result['split'] = split
-    result['test_views'] = [{'min_size': s, 'flip': f}
-                            for s, f in tta.views(config.eval, config.input)]
-    result['eval_variants'] = list(variants)   # evaluated together in eval_wall_s
-    result['eval_wall_s'] = wall
-    if jax.process_index() == 0:
-      name = f'metrics_{variant}{("_" + tag) if tag else ""}.json'
-      path = os.path.join(workdir, name)
-      metrics_lib.write_metrics_json(result, path)
-      logging.info('wrote %s', path)
-      print(f'{variant}: mIoU {_fmt(result["mIoU"])} seen {_fmt(result["mIoU_seen"])} '
-            f'unseen {_fmt(result["mIoU_unseen"])} hIoU {_fmt(result["hIoU"])} '
-            f'pAcc {_fmt(result["pAcc"])} -> {path}', flush=True)
-    results[variant] = result
-  return results
-
-
-def _fmt(x):
-  return 'n/a' if x is None else f'{x:.2f}'

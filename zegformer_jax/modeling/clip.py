@@ -1,7 +1,6 @@
 """CLIP for ZegFormer: local loading, prompt ensembles, text and image embeddings.
 
-ZegFormer uses a frozen CLIP ViT-B/16 twice (../shared/reference/official_zegformer.md,
-section 1):
+ZegFormer uses a frozen CLIP ViT-B/16 twice (docs/reference.md, CLIP):
 
 - text tower: one embedding per class name, a prompt ensemble. For each class the name is
   split into synonyms on ", ", every template x synonym is encoded, each prompt embedding is
@@ -49,7 +48,7 @@ TORCH_WEIGHTS_NAMES = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json')
 
-CONVERT_HINT = ('convert it with `python -m zegformer_jax.convert --from openai-clip` or provide '
+CONVERT_HINT = ('convert it with `python -m zegformer_jax.weights.convert --from openai-clip` or provide '
                 f'{FLAX_WEIGHTS_NAME} / {SAFE_WEIGHTS_NAME}')
 
 # CLIP's special tokens and its pre-tokenisation pattern (the same pattern transformers'
@@ -58,6 +57,10 @@ BOS_TOKEN = '<|startoftext|>'
 EOS_TOKEN = '<|endoftext|>'
 _CLIP_PRETOKEN_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
                           r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+# OpenAI CLIP's image statistics on the 0-255 scale (the image branch normalises with them).
+CLIP_PIXEL_MEAN = (122.7709383, 116.7460125, 104.09373615)
+CLIP_PIXEL_STD = (68.5005327, 66.6321579, 70.323163)
 
 # Bump when the embedding computation changes, so stale cache files are not reused.
 _CACHE_VERSION = 1
@@ -440,6 +443,30 @@ def cached_text_embeddings(cache_dir: str, model_path: str, class_names: Sequenc
   _atomic_write(file, lambda f: np.save(f, emb))
   logger.info('text embeddings for %d classes written to %s', len(class_names), file)
   return emb
+
+
+def clip_dir(config) -> str:
+  """config.clip.model_path, checked: a local Hugging Face CLIP directory."""
+  path = config.clip.model_path
+  if not path:
+    raise ValueError('config.clip.model_path is empty: set it to a local CLIP directory')
+  if not os.path.isdir(path):
+    raise FileNotFoundError(
+        f'CLIP directory {path!r} (config.clip.model_path) does not exist; it must be a '
+        'local Hugging Face CLIP directory (config.json, flax_model.msgpack or '
+        'model.safetensors, vocab.json, merges.txt)')
+  return path
+
+
+def class_text_embeddings(config, workdir: str, class_names: Sequence[str],
+                          prompt_set: str) -> np.ndarray:
+  """[K, D] L2-normalised text embeddings of `class_names` with the prompt set `prompt_set`.
+
+  The CLIP of config.clip.model_path; cached in <workdir>/text_embeddings.
+  """
+  return cached_text_embeddings(
+      os.path.join(workdir, 'text_embeddings'), clip_dir(config), list(class_names),
+      prompt_templates(prompt_set), batch_size=config.clip.text_batch_size)
 
 
 # ---------------------------------------------------------------------------- image

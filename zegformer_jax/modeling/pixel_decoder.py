@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zegformer_jax.models.resnet import Conv2d, c2_xavier_fill
+from zegformer_jax.modeling.resnet import Conv2d, c2_xavier_fill
 
 
 def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:

@@ -20,7 +20,6 @@ Stopping early:
 The host reads each step's metrics one step late, so it can queue step n+1 while step n
 runs; before any checkpoint the current step's metrics are checked first.
 """
-import functools
 import json
 import logging
 import os
@@ -32,58 +31,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from zegformer_jax import checkpoints
-from zegformer_jax import input_pipeline
-from zegformer_jax import losses
-from zegformer_jax import metric_writers
-from zegformer_jax import optim
-from zegformer_jax import preprocess
-from zegformer_jax import resources
-from zegformer_jax import sharding
-from zegformer_jax.models import clip
-from zegformer_jax.models import zegformer
-
-
-def class_text_embeddings(config, workdir: str, class_names, prompt_set: str) -> np.ndarray:
-  """[K, D] L2-normalised CLIP text embeddings of `class_names` (cached in the workdir)."""
-  path = resources.clip_dir(config, workdir)
-  return clip.cached_text_embeddings(
-      os.path.join(workdir, 'text_embeddings'), path, list(class_names),
-      clip.prompt_templates(prompt_set), batch_size=config.clip.text_batch_size)
-
-
-def make_optimizer_fn(config, total_steps: int):
-  """params -> the configured AdamW (optim.make_optimizer with the backbone's freeze_at)."""
-  return functools.partial(optim.make_optimizer, config.optim, total_steps,
-                           freeze_at=config.model.backbone.get('freeze_at', 0))
-
-
-def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng, *,
-                       abstract_only: bool = False):
-  """{'step', 'params', 'frozen', 'opt_state'} created directly with its sharding.
-
-  Returns (state, state_sharding). With abstract_only, `state` holds ShapeDtypeStructs
-  carrying the shardings (the target of a checkpoint restore) and nothing is computed.
-  """
-  size = config.input.crop_size
-
-  def init(key):
-    variables = zegformer.init_variables(
-        model, key, image_hw=(size, size), num_classes=num_classes)
-    params = variables['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'frozen': variables.get('frozen', {}),
-            'opt_state': optimizer_fn(params).init(params)}
-
-  abstract = jax.eval_shape(init, rng)
-  state_sharding = sharding.state_sharding(abstract, mesh)
-  if abstract_only:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, state_sharding), state_sharding
-  # Runs once: on CPU compile without backend optimisation (see zegformer.init_variables).
-  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
-  init = jax.jit(init, out_shardings=state_sharding).lower(rng).compile(options)
-  return init(rng), state_sharding
+from zegformer_jax.data import input_pipeline
+from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import criterion
+from zegformer_jax.modeling import preprocess
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import checkpoints
+from zegformer_jax.training import metric_writers
+from zegformer_jax.training import optim
+from zegformer_jax.training import sharding
+from zegformer_jax.training import state as state_lib
 
 
 def make_train_step(config, model, optimizer, mesh, state_sharding):
@@ -103,9 +60,9 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     if nan_step > 0:  # testing hook (config.train.debug_nan_step): a diverged mask head
       poison = jnp.where(step + 1 == nan_step, jnp.nan, 0.0).astype(outputs['pred_masks'].dtype)
       outputs = dict(outputs, pred_masks=outputs['pred_masks'].at[-1].add(poison))
-    targets = dict(batch, target_masks=losses.masks_from_label(
+    targets = dict(batch, target_masks=criterion.masks_from_label(
         batch['label'], batch['target_classes'], batch['target_valid']))
-    return losses.compute_loss(outputs, targets, config.loss, mesh)
+    return criterion.compute_loss(outputs, targets, config.loss, mesh)
 
   def train_step(state, batch, text_embeddings, rng_data):
     # The dropout key depends only on the step, so a resumed run draws the same masks.
@@ -139,24 +96,29 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
 TRAIN_KEYS = ('image', 'label', 'target_classes', 'target_valid')
 
 
-def train(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the summary."""
+def train(config, workdir: str, evaluators=()) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
+
+  Every path is read from the config as it is (dataset.data_dir, clip.model_path,
+  train.init_from); a project that makes its own data or weights resolves them first
+  (see main). `evaluators` (evaluation.evaluator.Evaluator or anything with
+  due(step, total_steps) and run(state, step)) are run when due.
+  """
   # First, so a SIGTERM during start-up or compilation is honoured after the first step.
   preemption = PreemptionWatch()
   try:
-    return _train(config, workdir, preemption)
+    return _train(config, workdir, preemption, tuple(evaluators))
   finally:
     preemption.close()
 
 
-def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
+def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tuple) -> dict:
   mesh = sharding.mesh_from_config(config)
   sharding.local_batch_size(config.input.global_batch_size, mesh)  # validates divisibility
-  data_dir = resources.data_dir(config, workdir)
-  resources.pretrain_concurrently(config, workdir)   # ShapesWorld: CLIP beside the backbone
+  data_dir = input_pipeline.data_dir(config)
   class_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
-  text_embeddings = class_text_embeddings(config, workdir, class_names,
-                                          config.clip.train_prompts)
+  text_embeddings = clip.class_text_embeddings(config, workdir, class_names,
+                                               config.clip.train_prompts)
   if text_embeddings.shape[1] != config.model.embed_dim:
     raise ValueError(
         f'CLIP text embeddings have width {text_embeddings.shape[1]} but '
@@ -166,19 +128,19 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
   total_steps = config.train.total_steps
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
-  optimizer_fn = make_optimizer_fn(config, total_steps)
+  optimizer_fn = state_lib.make_optimizer_fn(config, total_steps)
   data_iter = input_pipeline.make_train_iterator(config, data_dir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every)
   start = ckpt.latest_step()
-  state, state_sharding = create_train_state(
+  state, state_sharding = state_lib.create_train_state(
       config, model, optimizer_fn, len(class_names), mesh, init_rng,
       abstract_only=start is not None)
   if start is not None:
     logging.info('resuming from %s/%d', ckpt.directory, start)
     state = ckpt.restore(start, state, data_iter)
-  elif init_path := resources.init_from(config, workdir):
-    state = _init_from(init_path, state)
+  elif config.train.init_from:
+    state = state_lib.init_from(config.train.init_from, state)
 
   optimizer = optimizer_fn(state['params'])
   train_step = make_train_step(config, model, optimizer, mesh, state_sharding)
@@ -216,8 +178,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
       pending = (step, metrics)
 
       preempted = preemption.should_stop(step)
-      eval_now = (config.train.eval_every and step % config.train.eval_every == 0
-                  and step < total_steps)
+      due = [e for e in evaluators if e.due(step, total_steps)]
+      eval_now = bool(due)
       if ckpt.due(step) or step == total_steps or preempted or eval_now:
         finish(*pending)  # a state is saved or evaluated only after its step passed the guard
         pending = None
@@ -230,11 +192,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch') -> dict:
           print(f'preempted at step {step}: checkpoint saved in {ckpt.directory}; rerun the '
                 'same command to resume', flush=True)
         break
-      if eval_now:
-        from zegformer_jax import evaluate
-        evaluate.evaluate(config, workdir, state=state,
-                          split=config.dataset.periodic_eval_split, variant='seg',
-                          tag=f'step{step}')
+      for evaluator in due:
+        evaluator.run(state, step)
         writer.reset_timer()
     if pending:
       finish(*pending)
@@ -330,39 +289,8 @@ class PreemptionWatch:
       self._previous = None
 
 
-def _init_from(path: str, state):
-  """Loads params (and FrozenBN statistics) written by `python -m zegformer_jax.convert`."""
-  from zegformer_jax import convert
-  params, frozen = convert.load_params(path, state['params'], state['frozen'])
-  return dict(state, params=params, frozen=frozen)
-
-
 def _write_json(path: str, obj):
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
-
-
-def load_latest_state(config, workdir: str, num_classes: int):
-  """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict."""
-  mesh = sharding.mesh_from_config(config)
-  model = zegformer.build_model(config.model)
-  optimizer_fn = make_optimizer_fn(config, config.train.total_steps)
-  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
-                                  config.train.checkpoint_every)
-  step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    if config.train.init_from:
-      state, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
-                                    jax.random.key(config.seed))
-      return model, _init_from(config.train.init_from, state)
-    raise FileNotFoundError(
-        f'no checkpoint in {ckpt.directory}: train first (--mode train) or set '
-        '--config.train.init_from')
-  abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
-                                   jax.random.key(config.seed), abstract_only=True)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return model, state

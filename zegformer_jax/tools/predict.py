@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from zegformer_jax import augment
-from zegformer_jax import evaluate
-from zegformer_jax import input_pipeline
-from zegformer_jax import resources
-from zegformer_jax import tta
+from zegformer_jax.data import augment
+from zegformer_jax.data import datasets_meta
+from zegformer_jax.data import input_pipeline
+from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import segmenter
+from zegformer_jax.modeling import tta
+from zegformer_jax.training import state as state_lib
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -115,11 +117,10 @@ def seen_mask_for(config, workdir: str, names: list[str]) -> np.ndarray:
   """True for names among the training classes (the dataset's, else the packaged list)."""
   train_names = []
   try:
-    data_dir = resources.data_dir(config, workdir)
+    data_dir = input_pipeline.data_dir(config)
     train_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
   except FileNotFoundError:
     try:
-      from zegformer_jax import datasets_meta
       train_names, _ = datasets_meta.split_names(config.dataset.name, 'train')
     except Exception:  # no packaged list for this dataset: everything is unseen
       train_names = []
@@ -128,7 +129,6 @@ def seen_mask_for(config, workdir: str, names: list[str]) -> np.ndarray:
 
 def run(config, workdir: str, *, images: str, classes: str | None = None,
         class_file: str | None = None, output_dir: str | None = None) -> list[dict]:
-  from zegformer_jax import train
   names = parse_classes(classes, class_file)
   paths = list_images(images)
   output_dir = output_dir or os.path.join(workdir, 'predict')
@@ -137,9 +137,10 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
 
   seen = seen_mask_for(config, workdir, names)
   # No parameter depends on the number of classes, so any K builds the same state tree.
-  model, state = train.load_latest_state(config, workdir, len(names))
-  text = train.class_text_embeddings(config, workdir, names, config.clip.test_prompts)
-  clip_model, clip_params, clip_text = evaluate.image_branch(config, workdir, names, (variant,))
+  model, state = state_lib.load_latest_state(config, workdir, len(names))
+  text = clip.class_text_embeddings(config, workdir, names, config.clip.test_prompts)
+  clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, names,
+                                                             (variant,))
 
   results = []
   compiled = {}
@@ -155,7 +156,7 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
     key = (padded.shape, (h, w))
     if key not in compiled:  # one compilation per distinct (padded size, output size)
       view_shapes = tta.padded_view_shapes(config.eval, config.input, [(h, w)])
-      compiled[key] = jax.jit(evaluate.make_segment_fn(config, model, variant, (h, w),
+      compiled[key] = jax.jit(segmenter.make_segment_fn(config, model, variant, (h, w),
                                                        clip_model, view_shapes))
     labels = np.asarray(compiled[key](state['params'], state['frozen'], batch, text, seen,
                                       clip_params, clip_text))[0]

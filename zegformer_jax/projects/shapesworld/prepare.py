@@ -1,14 +1,19 @@
-"""Where a run's data and CLIP weights come from.
+"""ShapesWorld's `prepare`: the world, its miniature CLIP and its pretrained backbone as paths.
 
-Real datasets are read from `config.dataset.data_dir` (written by data_prep/<name>.py) and
-CLIP from `config.clip.model_path` (a local Hugging Face directory). The embedded
-ShapesWorld is generated on first use under `<workdir>/data`, and, when no CLIP path is
-given, a miniature CLIP is pretrained under `<workdir>/clip` (zegformer_jax/clip_pretrain.py),
-so `make demo` needs nothing from outside.
+The library reads only ordinary paths: config.dataset.data_dir, config.clip.model_path and
+config.train.init_from. For ShapesWorld those are made here, under the workdir, on first use
+and reused afterwards (each directory records the settings it was made with and refuses
+others):
 
-ShapesWorld's two pretrainings (the miniature CLIP, and the backbone when
-config.backbone_pretrain.steps > 0) are independent; `pretrain_concurrently` runs them side by
-side on first use, as they would otherwise run one after the other.
+  <workdir>/data      the generated world (world.generate)
+  <workdir>/clip      the miniature CLIP, pretrained contrastively on all classes
+                      (clip_pretrain), when config.clip.model_path is empty
+  <workdir>/backbone  the ResNet pretrained per pixel on seen-class scenes (backbone_pretrain),
+                      for a fresh training run with shapesworld.backbone_pretrain.steps > 0
+                      and no config.train.init_from
+
+A field the user set is kept as it is (the tests share one world and one CLIP that way).
+main calls `prepare` through config.project before training, evaluation or prediction.
 """
 import logging
 import multiprocessing
@@ -18,87 +23,95 @@ import sys
 
 import jax
 
-# Where ShapesWorld's pretrained artefacts live inside a workdir.
+from zegformer_jax.projects.shapesworld import backbone_pretrain
+from zegformer_jax.projects.shapesworld import clip_pretrain
+from zegformer_jax.projects.shapesworld import world
+from zegformer_jax.training import checkpoints
+
+# Where ShapesWorld's generated and pretrained artefacts live inside a workdir.
+DATA_SUBDIR = 'data'
 MINI_CLIP_SUBDIR = 'clip'
 BACKBONE_SUBDIR = 'backbone'
 
 
-def data_dir(config, workdir: str) -> str:
-  """The dataset directory of this run; generates ShapesWorld when it is the dataset."""
-  if config.dataset.name == 'shapesworld':
-    path = config.dataset.data_dir or os.path.join(workdir, 'data')
-    # Generation is deterministic, so every process may run it; only process 0 writes, the
-    # others wait on the barrier (sync_global_devices) below.
-    if jax.process_index() == 0:
-      from data_prep import shapesworld
-      shapesworld.generate(
-          path, seed=config.dataset.world_seed, split=config.dataset.world_split,
-          num_train=config.dataset.num_train, num_val=config.dataset.num_val,
-          image_size=config.dataset.image_size,
-          unseen_in_train=config.dataset.unseen_in_train)
-    _barrier('shapesworld data')
-    return path
-  path = config.dataset.data_dir
-  if not path or not os.path.isdir(path):
-    raise FileNotFoundError(
-        f'dataset directory {path!r} (config.dataset.data_dir) does not exist; convert the '
-        f'raw dataset with `python -m data_prep.{config.dataset.name} --input_dir RAW '
-        f'--output_dir {path or "DIR"}` or set --config.dataset.data_dir')
+def prepare(config, workdir: str, *, for_training: bool = True):
+  """A copy of `config` whose data, CLIP and init paths are filled in (made when missing).
+
+  The backbone is pretrained only `for_training`, and only for a run that starts afresh: a
+  run that resumes from a checkpoint never reads it.
+  """
+  config = config.copy_and_resolve_references()
+  make_clip = not config.clip.model_path
+  make_backbone = (for_training and not config.train.init_from
+                   and config.shapesworld.backbone_pretrain.steps > 0
+                   and not _has_checkpoint(workdir))
+  data = config.dataset.data_dir or world_dir(config, workdir)
+  if make_clip and make_backbone:
+    pretrain_concurrently(config, workdir)   # CLIP beside the backbone; nothing if done
+  with config.unlocked():
+    config.dataset.data_dir = data
+    if make_clip:
+      config.clip.model_path = mini_clip_dir(config, workdir)
+    if make_backbone:
+      config.train.init_from = backbone_dir(config, workdir)
+  return config
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  if _absent_or_empty(os.path.join(workdir, checkpoints.SUBDIR)):
+    return False
+  ckpt = checkpoints.Checkpointer(workdir, keep=1, every=1)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
+def world_settings(config) -> dict:
+  """world.generate's keyword settings for `config`."""
+  w = config.shapesworld
+  return dict(seed=w.seed, split=w.split, num_train=w.num_train, num_val=w.num_val,
+              image_size=w.image_size, unseen_in_train=w.unseen_in_train)
+
+
+def world_dir(config, workdir: str) -> str:
+  """<workdir>/data, generated on first use (deterministic: every process may run it)."""
+  path = os.path.join(workdir, DATA_SUBDIR)
+  # Only process 0 writes; the others wait on the barrier (sync_global_devices) below.
+  if jax.process_index() == 0:
+    world.generate(path, **world_settings(config))
+  _barrier('shapesworld data')
   return path
 
 
-def clip_dir(config, workdir: str) -> str:
-  """The local CLIP directory; for ShapesWorld without one, the pretrained miniature CLIP.
-
-  The miniature CLIP is pretrained once into `<workdir>/clip` by
-  clip_pretrain.ensure_mini_clip (config.dataset.world_split, config.seed and the
-  config.clip.pretrain_* fields) and reused afterwards.
-  """
-  path = config.clip.model_path
-  if path:
-    if not os.path.isdir(path):
-      raise FileNotFoundError(
-          f'CLIP directory {path!r} (config.clip.model_path) does not exist; it must be a '
-          'local Hugging Face CLIP directory (config.json, flax_model.msgpack or '
-          'model.safetensors, vocab.json, merges.txt)')
-    return path
-  if config.dataset.name != 'shapesworld':
-    raise ValueError('config.clip.model_path is empty: set it to a local CLIP directory')
+def mini_clip_dir(config, workdir: str) -> str:
+  """<workdir>/clip: the miniature CLIP, pretrained once (clip_pretrain.ensure_mini_clip)."""
   path = os.path.join(workdir, MINI_CLIP_SUBDIR)
   if jax.process_index() == 0:
-    from zegformer_jax import clip_pretrain
     if not clip_pretrain.is_complete(path):
       logging.info('pretraining the miniature CLIP in %s (%d steps)', path,
-                   config.clip.pretrain_steps)
-    clip_pretrain.ensure_mini_clip(path, **_mini_clip_settings(config))
+                   config.shapesworld.clip_pretrain.steps)
+    clip_pretrain.ensure_mini_clip(path, **mini_clip_settings(config))
   _barrier('miniature clip')
   return path
 
 
-def _mini_clip_settings(config) -> dict:
+def mini_clip_settings(config) -> dict:
   """clip_pretrain.ensure_mini_clip's keyword settings for `config`.
 
-  One place for clip_dir and pretrain_concurrently: a CLIP pretrained in the child process
-  must be the one clip_dir would make, or clip_dir would refuse it afterwards (other settings).
+  One place for mini_clip_dir and pretrain_concurrently: a CLIP pretrained in the child
+  process must be the one mini_clip_dir would make, or it would refuse it afterwards.
   """
-  c = config.clip
-  return dict(world_split=config.dataset.world_split, seed=config.seed,
-              steps=c.pretrain_steps, batch_size=c.pretrain_batch, lr=c.pretrain_lr,
-              image_size=c.pretrain_image_size, pool_per_class=c.pretrain_pool_per_class,
-              eval_per_class=c.pretrain_eval_per_class)
+  c = config.shapesworld.clip_pretrain
+  return dict(world_split=config.shapesworld.split, seed=config.seed,
+              steps=c.steps, batch_size=c.batch_size, lr=c.lr, image_size=c.image_size,
+              pool_per_class=c.pool_per_class, eval_per_class=c.eval_per_class)
 
 
-def init_from(config, workdir: str) -> str:
-  """The weights training starts from: config.train.init_from, else for ShapesWorld with
-  config.backbone_pretrain.steps > 0 the pretrained backbone in `<workdir>/backbone`
-  (backbone_pretrain.ensure_backbone; made on first use), else '' (random init)."""
-  if config.train.init_from:
-    return config.train.init_from
-  if config.dataset.name != 'shapesworld' or config.backbone_pretrain.steps <= 0:
-    return ''
+def backbone_dir(config, workdir: str) -> str:
+  """<workdir>/backbone: the pretrained backbone as a weights store (made on first use)."""
   path = os.path.join(workdir, BACKBONE_SUBDIR)
   if jax.process_index() == 0:
-    from zegformer_jax import backbone_pretrain
     backbone_pretrain.ensure_backbone(path, backbone_pretrain.settings_from_config(config))
   _barrier('pretrained backbone')
   return path
@@ -107,22 +120,22 @@ def init_from(config, workdir: str) -> str:
 def pretrain_concurrently(config, workdir: str) -> bool:
   """Pretrains ShapesWorld's miniature CLIP in a child process beside the backbone in this one.
 
-  Both are made on first use, and clip_dir / init_from would make them one after the other
+  Both are made on first use, and mini_clip_dir / backbone_dir would make them one after the other
   (about 60 s and 200 s on 2 CPU cores, 271 s in all). Neither keeps both cores busy all the
   time (op-by-op init, compilation), so side by side they take about 253 s. Each process
   computes exactly what it would alone: the weights are bit-identical to sequential ones.
-  Afterwards clip_dir and init_from find both finished and reuse them (and still hold their
+  Afterwards mini_clip_dir and backbone_dir find both finished and reuse them (and still hold their
   barriers, so the other processes of a multi-process job wait as before).
 
   Runs only on process 0, on the CPU backend, for ShapesWorld, when no CLIP path is given, the
   backbone pretraining is wanted (no config.train.init_from, backbone_pretrain.steps > 0), and
   `<workdir>/clip`, `<workdir>/backbone` and `<workdir>/checkpoints` are all absent or empty.
-  Otherwise it does nothing and clip_dir / init_from do (or reuse) whatever is needed, as
+  Otherwise it does nothing and mini_clip_dir / backbone_dir do (or reuse) whatever is needed, as
   without it:
   - with one pretraining to do there is nothing to overlap;
   - a run that resumes from a checkpoint never reads the backbone (init_from is only for a
     fresh start), so it must not be made here;
-  - a directory holding something else is an error that clip_dir / init_from report at once
+  - a directory holding something else is an error that mini_clip_dir / backbone_dir report at once
     with their own message; found in the child it would surface only after the backbone;
   - on an accelerator two processes would compete for its memory (a TPU admits only one).
 
@@ -136,25 +149,21 @@ def pretrain_concurrently(config, workdir: str) -> bool:
   raises (the child is stopped first), ValueError for invalid CLIP settings (before anything
   starts), and RuntimeError when the child fails (its traceback is on stderr above).
   """
-  if (config.dataset.name != 'shapesworld' or jax.process_index() != 0
-      or jax.default_backend() != 'cpu' or config.clip.model_path
-      or config.train.init_from or config.backbone_pretrain.steps <= 0):
+  if (jax.process_index() != 0 or jax.default_backend() != 'cpu' or config.clip.model_path
+      or config.train.init_from or config.shapesworld.backbone_pretrain.steps <= 0):
     return False
-  from zegformer_jax import checkpoints
   clip_path = os.path.join(workdir, MINI_CLIP_SUBDIR)
   backbone_path = os.path.join(workdir, BACKBONE_SUBDIR)
   if not all(_absent_or_empty(p) for p in
              (clip_path, backbone_path, os.path.join(workdir, checkpoints.SUBDIR))):
     return False
-  from zegformer_jax import backbone_pretrain
-  from zegformer_jax import clip_pretrain
-  clip_settings = _mini_clip_settings(config)
-  # Invalid settings are reported now, as clip_dir would, not by the child after the backbone.
+  clip_settings = mini_clip_settings(config)
+  # Invalid settings are reported now, as mini_clip_dir would, not by the child after the backbone.
   clip_pretrain._settings(**clip_settings)  # pylint: disable=protected-access
   backbone_settings = backbone_pretrain.settings_from_config(config)
 
   logging.info('pretraining the miniature CLIP in %s (%d steps) in a child process, beside '
-               'the backbone', clip_path, config.clip.pretrain_steps)
+               'the backbone', clip_path, config.shapesworld.clip_pretrain.steps)
   process = _start_mini_clip_process(clip_path, clip_settings)
   try:
     backbone_pretrain.ensure_backbone(backbone_path, backbone_settings)
@@ -218,25 +227,12 @@ def _pretrain_mini_clip_in_child(path: str, settings: dict) -> None:
              '%(message)s')
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   jax.config.update('jax_platforms', 'cpu')
-  from zegformer_jax import clip_pretrain
   clip_pretrain.ensure_mini_clip(path, **settings)
 
 
 def _exit_on_sigterm(signum, frame):
   del frame
   raise SystemExit(128 + signum)
-
-
-def check_settings(path: str, what: str, have: dict, wanted: dict) -> None:
-  """Raises ValueError naming every setting of `wanted` that the existing `have` differs in.
-
-  For directories made once and reused (the miniature CLIP, the pretrained backbone): reusing
-  one made with other settings would silently change the experiment.
-  """
-  if have != wanted:
-    diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
-    raise ValueError(f'{path} holds {what} with other settings ((existing, requested) = '
-                     f'{diff}); remove it or use another workdir')
 
 
 def _barrier(name: str):

@@ -30,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from zegformer_jax import matching
+from zegformer_jax.modeling import matching
 
 
 def _cfg(cfg: Any, name: str):

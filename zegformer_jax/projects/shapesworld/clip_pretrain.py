@@ -1,13 +1,11 @@
-"""Contrastive pretraining of ShapesWorld's miniature CLIP (ARCHITECTURE.md, ShapesWorld).
+"""Contrastive pretraining of ShapesWorld's miniature CLIP.
 
 Web-scale CLIP has seen every class ZegFormer is later asked about; the miniature CLIP
 plays that part for ShapesWorld, so it is pretrained on image-level examples of ALL 32
 classes (seen and unseen of every split) with captions from the prompt templates, then saved
-in the Hugging Face layout that `models.clip.load_clip` reads, the code path of
-openai/clip-vit-base-patch16.
-
-  python -m zegformer_jax.clip_pretrain --output_dir DIR [--split default] [--seed 0] \
-      [--steps 3000] [--batch_size 64] [--lr 3e-3] [--image_size 32]
+in the Hugging Face layout that `modeling.clip.load_clip` reads, the code path of
+openai/clip-vit-base-patch16. `prepare.mini_clip_dir` makes it from the config's
+shapesworld.clip_pretrain settings.
 
 Pipeline:
 - `create_tiny_clip` writes the random model and its BPE tokenizer (vocabulary: every class
@@ -34,7 +32,7 @@ Pipeline:
   and clipped at ln(100), as in CLIP. AdamW, linear warm-up then cosine decay, gradient
   norm clipping; one jitted step.
 - Zero-shot accuracy on held-out renders (another rng stream): image -> class among all 32
-  classes with the 'select_clip' prompt ensemble (models.clip.text_embeddings), per kind and
+  classes with the 'select_clip' prompt ensemble (modeling.clip.text_embeddings), per kind and
   for the seen / unseen classes of the split, written to `<path>/pretrain_stats.json`.
 
 The directory is assembled next to `path` and renamed into place (complete or absent);
@@ -42,7 +40,6 @@ The directory is assembled next to `path` and renamed into place (complete or ab
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -58,10 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from configs.common import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
-from data_prep import shapesworld as sw
-from zegformer_jax import resources
-from zegformer_jax.models import clip
+from zegformer_jax.projects.shapesworld import world as sw
+from zegformer_jax.modeling import clip
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +76,8 @@ DEFAULT_MIX = (0.25, 0.25, 0.4, 0.1)
 _STREAM_TRAIN, _STREAM_EVAL, _STREAM_STEPS = 11, 12, 13
 _MIN_SCENE_PIXELS = 12           # smaller scene instances are not used (at 64 px)
 
-_MEAN = np.asarray(CLIP_PIXEL_MEAN, np.float32)
-_STD = np.asarray(CLIP_PIXEL_STD, np.float32)
+_MEAN = np.asarray(clip.CLIP_PIXEL_MEAN, np.float32)
+_STD = np.asarray(clip.CLIP_PIXEL_STD, np.float32)
 
 
 # ---------------------------------------------------------------------------- captions
@@ -482,7 +477,7 @@ def zero_shot_accuracy(model, tokenizer, params, class_names: Sequence[str],
                        batch_size: int = 256) -> Dict[str, Any]:
   """Top-1 zero-shot accuracy of images -> class among all `class_names`.
 
-  Text embeddings: the EVAL_PROMPTS ensemble (models.clip.text_embeddings). Returns
+  Text embeddings: the EVAL_PROMPTS ensemble (modeling.clip.text_embeddings). Returns
   {kind: {'all', 'seen', 'unseen': accuracy, 'n': examples}} for the kinds in the pool.
   """
   text = clip.text_embeddings(model, tokenizer, class_names, clip.prompt_templates(EVAL_PROMPTS),
@@ -700,7 +695,7 @@ def ensure_mini_clip(path: str, *, log_every: int = 500, **settings) -> Dict[str
     if stats is None:
       logger.warning('%s holds a CLIP without %s; reusing it as is', path, STATS_FILE)
       return {}
-    resources.check_settings(path, 'a miniature CLIP pretrained', stats.get('settings', {}),
+    sw.check_settings(path, 'a miniature CLIP pretrained', stats.get('settings', {}),
                              _settings(**settings))
     logger.info('reusing the miniature CLIP in %s', path)
     return stats
@@ -708,27 +703,3 @@ def ensure_mini_clip(path: str, *, log_every: int = 500, **settings) -> Dict[str
     raise FileExistsError(f'{path} exists but holds no CLIP (config.json and weights); '
                           'remove it to pretrain the miniature CLIP there')
   return pretrain_mini_clip(path, log_every=log_every, **settings)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  d = _settings()
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--output_dir', required=True)
-  p.add_argument('--split', default=d['world_split'], choices=sorted(sw.UNSEEN))
-  p.add_argument('--seed', type=int, default=d['seed'])
-  p.add_argument('--steps', type=int, default=d['steps'])
-  p.add_argument('--batch_size', type=int, default=d['batch_size'])
-  p.add_argument('--lr', type=float, default=d['lr'])
-  p.add_argument('--image_size', type=int, default=d['image_size'])
-  p.add_argument('--pool_per_class', type=int, default=d['pool_per_class'])
-  a = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-  stats = pretrain_mini_clip(a.output_dir, world_split=a.split, seed=a.seed, steps=a.steps,
-                             batch_size=a.batch_size, lr=a.lr, image_size=a.image_size,
-                             pool_per_class=a.pool_per_class)
-  print(json.dumps({'zero_shot_accuracy': stats['zero_shot_accuracy'],
-                    'seconds': stats['seconds'], 'final': stats['final']}, indent=1))
-
-
-if __name__ == '__main__':
-  main()

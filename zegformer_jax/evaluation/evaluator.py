@@ -1,0 +1,167 @@
+"""Evaluation: the segmenter over a split, confusion matrices, metrics JSON.
+
+Each batch goes through `segmenter.make_scores_fn` (every requested variant from one forward
+pass), its argmax is accumulated into a confusion matrix per variant on device, summed over
+the whole split; the sharded sum also reduces across processes, so every process ends with
+the same matrices, and process 0 writes `metrics_<variant>.json`.
+
+`Evaluator` is what the training loop is handed for periodic evaluation (big_vision's
+`config.evals`): the loop only asks it whether it is due and runs it.
+"""
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zegformer_jax.data import input_pipeline
+from zegformer_jax.evaluation import metrics as metrics_lib
+from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import segmenter
+from zegformer_jax.modeling import tta
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import sharding
+from zegformer_jax.training import state as state_lib
+
+
+def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_model=None,
+                   view_shapes=None):
+  """Jitted ((confs, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (confs, n).
+
+  confs maps each variant to its [K+1, K+1] confusion matrix (metrics.confusion_matrix); n
+  counts the valid (non-padding) images, summed over every process by the sharded
+  reduction. Label pixels beyond each label's own size hold the ignore value, so they never
+  count.
+  """
+  scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model, view_shapes)
+  ignore = config.dataset.ignore_value
+
+  def step(acc, params, frozen, batch, *args):
+    confs, count = acc
+    new = {}
+    for v, sem_seg in scores(params, frozen, batch, *args).items():
+      pred = jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
+      new[v] = confs[v] + metrics_lib.confusion_matrix(pred, batch['label'], num_classes,
+                                                       ignore, batch['example_valid'])
+    return new, count + jnp.sum(batch['example_valid'].astype(jnp.int32))
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def load_trained_state(config, workdir):
+  """(model, state) of the latest checkpoint in `workdir` (state.load_latest_state)."""
+  train_classes, _ = input_pipeline.dataset_classes(input_pipeline.data_dir(config),
+                                                    config.dataset.train_split)
+  return state_lib.load_latest_state(config, workdir, len(train_classes))
+
+
+def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
+  """Evaluates one variant (default config.eval.variant); see `evaluate_variants`."""
+  variant = variant or config.eval.variant
+  return evaluate_variants(config, workdir, (variant,), state=state, split=split,
+                           tag=tag)[variant]
+
+
+def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=''):
+  """Evaluates the latest checkpoint (or `state`) on `split`, all variants in one pass.
+
+  Writes metrics_<variant>[_<tag>].json per variant and returns {variant: metrics}. The
+  variants share each batch's forward pass (and the image branch, for img and full).
+  """
+  variants = segmenter.check_variants(variants)
+  split = split or config.dataset.eval_split
+  mesh = sharding.mesh_from_config(config)
+  data_dir = input_pipeline.data_dir(config)
+  class_names, seen_mask = input_pipeline.dataset_classes(data_dir, split)
+  num_classes = len(class_names)
+  text = clip.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
+  if state is None:
+    model, state = load_trained_state(config, workdir)
+  else:
+    model = zegformer.build_model(config.model)
+
+  clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, class_names, variants)
+
+  view_shapes = None
+  if tta.enabled(config.eval, config.input):
+    view_shapes = tta.padded_view_shapes(
+        config.eval, config.input, input_pipeline.split_image_shapes(data_dir, split))
+
+  t0 = time.time()
+  acc = None
+  step_fn = None
+  text = sharding.replicate(text, mesh)
+  seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
+  for batch in input_pipeline.make_eval_batches(config, data_dir, split):
+    if view_shapes is not None:
+      batch['view_hw'] = tta.view_sizes(config.eval, config.input, batch['label_hw'])
+    dev_batch = sharding.shard_batch(batch, mesh)
+    if step_fn is None:
+      step_fn = make_eval_step(config, model, variants, num_classes,
+                               tuple(batch['label'].shape[1:3]), clip_model, view_shapes)
+      zeros = np.zeros((num_classes + 1, num_classes + 1), np.int32)
+      acc = sharding.replicate(({v: zeros for v in variants}, np.zeros((), np.int32)), mesh)
+    acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
+                  clip_params, clip_text)
+    if config.eval.max_images and int(acc[1]) >= config.eval.max_images:
+      break
+  if acc is None:
+    raise ValueError(f'split {split!r} in {data_dir} has no examples')
+  confs, num_images = jax.device_get(acc)
+  wall = round(time.time() - t0, 2)
+  results = {}
+  for variant in variants:
+    result = metrics_lib.compute_metrics(
+        np.asarray(confs[variant]), class_names, np.asarray(seen_mask, bool),
+        dataset=config.dataset.name, variant=variant, num_images=int(num_images))
+    result['split'] = split
+    result['test_views'] = [{'min_size': s, 'flip': f}
+                            for s, f in tta.views(config.eval, config.input)]
+    result['eval_variants'] = list(variants)   # evaluated together in eval_wall_s
+    result['eval_wall_s'] = wall
+    if jax.process_index() == 0:
+      name = f'metrics_{variant}{("_" + tag) if tag else ""}.json'
+      path = os.path.join(workdir, name)
+      metrics_lib.write_metrics_json(result, path)
+      logging.info('wrote %s', path)
+      print(f'{variant}: mIoU {_fmt(result["mIoU"])} seen {_fmt(result["mIoU_seen"])} '
+            f'unseen {_fmt(result["mIoU_unseen"])} hIoU {_fmt(result["hIoU"])} '
+            f'pAcc {_fmt(result["pAcc"])} -> {path}', flush=True)
+    results[variant] = result
+  return results
+
+
+def _fmt(x):
+  return 'n/a' if x is None else f'{x:.2f}'
+
+
+class Evaluator:
+  """Periodic evaluation during training (one entry of config.evals).
+
+  Every `every` steps (not at the last one: the run's own evaluation follows training) the
+  current state is evaluated on `split` with `variants`; the metrics go to
+  metrics_<variant>_step<N>.json (metrics_<variant>_<name>_step<N>.json for a second one).
+  """
+
+  def __init__(self, config, workdir: str, name: str, *, split: str, variants, every: int,
+               tag_prefix: str = ''):
+    self.config, self.workdir, self.name = config, workdir, name
+    self.split, self.variants, self.every = split, segmenter.check_variants(variants), every
+    self.tag_prefix = tag_prefix
+
+  def due(self, step: int, total_steps: int) -> bool:
+    return bool(self.every) and step % self.every == 0 and step < total_steps
+
+  def run(self, state, step: int) -> dict:
+    return evaluate_variants(self.config, self.workdir, self.variants, state=state,
+                             split=self.split, tag=f'{self.tag_prefix}step{step}')
+
+
+def evaluators_from_config(config, workdir: str) -> list:
+  """The Evaluators of config.evals ({name: {every, split, variants}}), in name order."""
+  names = sorted(config.evals)
+  return [Evaluator(config, workdir, name, split=e.split, variants=e.variants, every=e.every,
+                    tag_prefix='' if len(names) == 1 else f'{name}_')
+          for name, e in ((n, config.evals[n]) for n in names)]

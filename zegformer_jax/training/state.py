@@ -1,0 +1,82 @@
+"""The train state: {'step', 'params', 'frozen', 'opt_state'}, created, restored or loaded.
+
+Training, evaluation, prediction and the benchmarks all build the state here, so each of
+them restores exactly what training saved.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import checkpoints
+from zegformer_jax.training import optim
+from zegformer_jax.training import sharding
+from zegformer_jax.weights import store
+
+
+def make_optimizer_fn(config, total_steps: int):
+  """params -> the configured AdamW (optim.make_optimizer with the backbone's freeze_at)."""
+  return functools.partial(optim.make_optimizer, config.optim, total_steps,
+                           freeze_at=config.model.backbone.get('freeze_at', 0))
+
+
+def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng, *,
+                       abstract_only: bool = False):
+  """{'step', 'params', 'frozen', 'opt_state'} created directly with its sharding.
+
+  Returns (state, state_sharding). With abstract_only, `state` holds ShapeDtypeStructs
+  carrying the shardings (the target of a checkpoint restore) and nothing is computed.
+  """
+  size = config.input.crop_size
+
+  def init(key):
+    variables = zegformer.init_variables(
+        model, key, image_hw=(size, size), num_classes=num_classes)
+    params = variables['params']
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'frozen': variables.get('frozen', {}),
+            'opt_state': optimizer_fn(params).init(params)}
+
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = sharding.state_sharding(abstract, mesh)
+  if abstract_only:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, state_sharding), state_sharding
+  # Runs once: on CPU compile without backend optimisation (see zegformer.init_variables).
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
+  init = jax.jit(init, out_shardings=state_sharding).lower(rng).compile(options)
+  return init(rng), state_sharding
+
+
+def init_from(path: str, state):
+  """`state` with params (and FrozenBN statistics) loaded from a weights store (`store`)."""
+  params, frozen = store.load_params(path, state['params'], state['frozen'])
+  return dict(state, params=params, frozen=frozen)
+
+
+def load_latest_state(config, workdir: str, num_classes: int):
+  """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict.
+
+  Without a checkpoint, config.train.init_from (a weights store) is loaded instead.
+  """
+  mesh = sharding.mesh_from_config(config)
+  model = zegformer.build_model(config.model)
+  optimizer_fn = make_optimizer_fn(config, config.train.total_steps)
+  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
+                                  config.train.checkpoint_every)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    if config.train.init_from:
+      state, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
+                                    jax.random.key(config.seed))
+      return model, init_from(config.train.init_from, state)
+    raise FileNotFoundError(
+        f'no checkpoint in {ckpt.directory}: train first (--mode train) or set '
+        '--config.train.init_from')
+  abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
+                                   jax.random.key(config.seed), abstract_only=True)
+  state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return model, state
