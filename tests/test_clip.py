@@ -198,7 +198,7 @@ def test_pytorch_bin_only_is_refused_without_unpickling(tiny, tmp_path):
     clip.load_clip(dst)
   message = str(e.value)
   assert os.path.join(dst, 'pytorch_model.bin') in message
-  assert 'python -m zegformer_jax.convert --from openai-clip' in message
+  assert 'python -m zegformer_jax.weights.convert --from openai-clip' in message
   assert 'safetensors' in message and 'msgpack' in message
   assert not os.path.exists(marker)
   with pytest.raises(FileNotFoundError):

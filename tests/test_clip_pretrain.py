@@ -262,7 +262,7 @@ def test_clip_dir_pretrains_once_then_reuses(smoke_clip, monkeypatch):
 def _concurrent_config():
   """The smoke config (its CLIP settings: smoke_clip's) with a tiny 'classify' backbone."""
   config = shapesworld_config.get_config('smoke')
-  b = config.backbone_pretrain
+  b = config.shapesworld.backbone_pretrain
   b.task, b.image_size, b.steps, b.batch_size = 'classify', 32, 3, 8
   b.pool_per_class, b.eval_per_class = 1, 1
   return config
@@ -322,7 +322,7 @@ def test_concurrent_pretraining_leaves_other_cases_to_the_sequential_path(
   assert not os.path.exists(os.path.join(done, 'backbone'))
   # Only the CLIP is wanted.
   no_backbone = _concurrent_config()
-  no_backbone.backbone_pretrain.steps = 0
+  no_backbone.shapesworld.backbone_pretrain.steps = 0
   assert not prepare.pretrain_concurrently(no_backbone, str(tmp_path / 'a'))
   given = _concurrent_config()
   given.clip.model_path = '/some/clip'

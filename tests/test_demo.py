@@ -1,4 +1,4 @@
-"""`make demo`'s entry point (zegformer_jax.demo) end to end on the smoke config."""
+"""`make demo`'s entry point (projects/shapesworld/demo.py) end to end on the smoke config."""
 import json
 import os
 import subprocess
@@ -12,10 +12,10 @@ def test_demo_writes_metrics_of_both_view_sets_and_overlays(tmp_path, tmp_path_f
   workdir = str(tmp_path / 'demo')
   train_cli.main_args(workdir, resources)  # seeds the text-embedding cache
   cmd = [sys.executable, '-m', 'zegformer_jax.projects.shapesworld.demo', '--workdir', workdir,
-         '--config_arg', 'smoke', '--num_overlays', '1',
-         '--set', f'dataset.data_dir={resources}/data',
-         '--set', f'clip.model_path={resources}/clip',
-         '--set', 'backbone_pretrain.steps=0']
+         '--config', 'configs/shapesworld.py:smoke', '--num_overlays', '1',
+         f'--config.dataset.data_dir={resources}/data',
+         f'--config.clip.model_path={resources}/clip',
+         '--config.shapesworld.backbone_pretrain.steps=0']
   result = subprocess.run(cmd, cwd=train_cli.ROOT, capture_output=True, text=True,
                           timeout=400, env=train_cli.env(train_cli.compile_cache(tmp_path_factory)))
   assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)

@@ -237,7 +237,7 @@ def test_semantic_inference():
 def test_upsample_masks_matches_torch_bilinear(in_hw, out_hw):
   rng = np.random.default_rng(4)
   x = rng.normal(size=(2, 3) + in_hw)
-  got = inference.upsample_masks(jnp.asarray(x, jnp.float32), out_hw)
+  got = inference.upsample_bilinear(jnp.asarray(x, jnp.float32), out_hw)
   np.testing.assert_allclose(got, _torch_resize(x, out_hw), rtol=1e-5, atol=1e-5)
 
 

@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import common
 from zegformer_jax.modeling import criterion
+from zegformer_jax.modeling import inference
 
 RTOL = 1e-5
 
@@ -135,7 +136,7 @@ def random_matches(rng, L, valid, Q):
   return q2t
 
 
-def criterion(outputs, targets, q2t, cfg):
+def jit_criterion(outputs, targets, q2t, cfg):
   """set_criterion under jit (eager op-by-op dispatch is slow on CPU)."""
   return jax.jit(lambda o, t, m: criterion.set_criterion(o, t, m, cfg))(
       outputs, targets, q2t)
@@ -156,7 +157,7 @@ def assert_losses_close(got, want):
 def test_upsample_matches_torch_bilinear(in_hw, out_hw):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2,) + in_hw).astype(np.float32)
-  got = np.asarray(criterion.upsample_bilinear(jnp.asarray(x), out_hw))
+  got = np.asarray(inference.upsample_bilinear(jnp.asarray(x), out_hw))
   want = np.stack([np_upsample_torch(xi, *out_hw) for xi in x])
   np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-6)
 
@@ -208,7 +209,7 @@ def test_set_criterion_against_numpy():
   cfg = loss_cfg()
   outputs, targets = make_batch(rng, L=2, B=2, Q=5, K=3, M=3)
   q2t = random_matches(rng, 2, targets['target_valid'], 5)
-  got = criterion(outputs, targets, q2t, cfg)
+  got = jit_criterion(outputs, targets, q2t, cfg)
   assert set(got) == {'loss', 'loss_ce', 'loss_mask', 'loss_dice', 'loss_ce_0',
                       'loss_mask_0', 'loss_dice_0'}
   assert_losses_close(got, np_criterion(outputs, targets, q2t, cfg))
@@ -220,7 +221,7 @@ def test_weights_and_deep_supervision():
   q2t = random_matches(rng, 3, targets['target_valid'], 5)
   cfg = loss_cfg(class_weight=2.0, mask_weight=3.0, dice_weight=5.0,
                  no_object_weight=0.3)
-  got = criterion(outputs, targets, q2t, cfg)
+  got = jit_criterion(outputs, targets, q2t, cfg)
   assert_losses_close(got, np_criterion(outputs, targets, q2t, cfg))
   total = sum(w * float(got[k + s]) for s in ('', '_0', '_1')
               for k, w in (('loss_ce', 2.0), ('loss_mask', 3.0),
@@ -230,7 +231,7 @@ def test_weights_and_deep_supervision():
   # Without deep supervision only the final layer is reported and summed.
   cfg_final = loss_cfg(class_weight=2.0, mask_weight=3.0, dice_weight=5.0,
                        no_object_weight=0.3, deep_supervision=False)
-  final = criterion(outputs, targets, q2t, cfg_final)
+  final = jit_criterion(outputs, targets, q2t, cfg_final)
   assert set(final) == {'loss', 'loss_ce', 'loss_mask', 'loss_dice'}
   for k in ('loss_ce', 'loss_mask', 'loss_dice'):
     np.testing.assert_allclose(float(final[k]), float(got[k]), rtol=RTOL)
@@ -245,7 +246,7 @@ def test_num_masks_normalisation():
   cfg = loss_cfg()
   outputs, targets = make_batch(rng, L=1, B=2, Q=5, K=3, M=3)
   q2t = random_matches(rng, 1, targets['target_valid'], 5)
-  base = criterion(outputs, targets, q2t, cfg)
+  base = jit_criterion(outputs, targets, q2t, cfg)
   # 4 valid masks in the batch (3 + 1): mask terms are sum / 4.
   assert targets['target_valid'].sum() == 4
   per_mask_sum = 0.0
@@ -264,7 +265,7 @@ def test_num_masks_normalisation():
   # are 0 and every query targets no-object (plain mean CE over queries).
   empty = dict(targets, target_valid=np.zeros_like(targets['target_valid']))
   none = np.full_like(q2t, -1)
-  got = criterion(outputs, empty, none, cfg)
+  got = jit_criterion(outputs, empty, none, cfg)
   assert float(got['loss_mask']) == 0.0 and float(got['loss_dice']) == 0.0
   z = outputs['pred_logits'][0].astype(np.float64)
   logp = z - np.log(np.exp(z).sum(-1, keepdims=True))

@@ -89,7 +89,7 @@ def test_variables_match_official_state_dict_keys():
     pytest.skip(f'{os.path.normpath(REFERENCE_KEYS)} is absent')
   with open(REFERENCE_KEYS) as f:
     keys = json.load(f)['keys']
-  shapes = summary.variable_shapes(coco_stuff_r50.get_config().model)
+  shapes = zegformer.variable_shapes(coco_stuff_r50.get_config().model)
   ours = {}
   for coll in ('params', 'frozen'):
     for path, leaf in jax.tree_util.tree_leaves_with_path(shapes[coll]):

@@ -30,13 +30,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from zegformer_jax.modeling import inference
 from zegformer_jax.modeling import matching
-
-
-def _cfg(cfg: Any, name: str):
-  if isinstance(cfg, Mapping):
-    return cfg[name]
-  return getattr(cfg, name)
 
 
 # ----------------------------------------------------------------------------
@@ -101,25 +96,6 @@ def weighted_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
   return (w * ce).sum() / w.sum()
 
 
-def upsample_bilinear(masks: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
-  """Bilinear resize of the last two axes, torch align_corners=False semantics.
-
-  jax.image.resize 'bilinear' samples at half-pixel centres, src = (dst + .5) *
-  in/out - .5, with a triangle kernel whose weights are renormalised over the
-  in-range input pixels. For upsampling (antialias has no effect then) this is
-  exactly torch's rule of clamping src to [0, in - 1] at the borders
-  (checked in tests/test_losses.py against a direct numpy transcription).
-
-  Args:
-    masks: [..., h, w] float.
-    out_hw: (H, W), each >= the input size.
-  Returns:
-    [..., H, W] same dtype.
-  """
-  shape = masks.shape[:-2] + tuple(int(s) for s in out_hw)
-  return jax.image.resize(masks, shape, method='bilinear', antialias=False)
-
-
 # ----------------------------------------------------------------------------
 # Criterion.
 
@@ -153,7 +129,7 @@ def _layer_losses(pred_logits, pred_masks, targets, q2t, loss_cfg, num_masks):
       jnp.maximum(q2t, 0), axis=-1)                                  # [L,B,Q]
   labels = jnp.where(matched_q, cls_of_q, no_object)
   class_weights = jnp.ones((num_cls,), jnp.float32).at[no_object].set(
-      float(_cfg(loss_cfg, 'no_object_weight')))
+      float(matching.config_value(loss_cfg, 'no_object_weight')))
   ce = jax.vmap(weighted_cross_entropy, in_axes=(0, 0, None))(
       pred_logits, labels, class_weights)                            # [L]
 
@@ -161,11 +137,11 @@ def _layer_losses(pred_logits, pred_masks, targets, q2t, loss_cfg, num_masks):
   t2q, matched_t = matching.target_to_query(q2t, m)                  # [L,B,M]
   use = matched_t & tgt_valid[None]
   src = jnp.take_along_axis(pred_masks, t2q[..., None, None], axis=2)
-  src = upsample_bilinear(src, (big_h, big_w))                       # [L,B,M,H,W]
+  src = inference.upsample_bilinear(src, (big_h, big_w))                       # [L,B,M,H,W]
   src = src.reshape(num_layers, b, m, -1)
   tgt = tgt_masks.astype(jnp.float32).reshape(1, b, m, -1)
-  focal = sigmoid_focal_loss(src, tgt, float(_cfg(loss_cfg, 'focal_alpha')),
-                             float(_cfg(loss_cfg, 'focal_gamma')))   # [L,B,M]
+  focal = sigmoid_focal_loss(src, tgt, float(matching.config_value(loss_cfg, 'focal_alpha')),
+                             float(matching.config_value(loss_cfg, 'focal_gamma')))   # [L,B,M]
   dice = dice_loss(src, tgt)                                         # [L,B,M]
   # where (not multiply) so padded/unmatched entries cannot leak NaN/inf.
   loss_mask = jnp.where(use, focal, 0.0).sum(axis=(1, 2)) / num_masks
@@ -202,7 +178,7 @@ def set_criterion(outputs: Mapping[str, jnp.ndarray],
   """
   pred_logits = outputs['pred_logits']
   pred_masks = outputs['pred_masks']
-  deep = bool(_cfg(loss_cfg, 'deep_supervision'))
+  deep = bool(matching.config_value(loss_cfg, 'deep_supervision'))
   if not deep:
     # Only the final layer is supervised; skip the auxiliary work entirely.
     pred_logits, pred_masks = pred_logits[-1:], pred_masks[-1:]
@@ -214,9 +190,9 @@ def set_criterion(outputs: Mapping[str, jnp.ndarray],
   ce, mask, dice = _layer_losses(pred_logits, pred_masks, targets,
                                  query_to_target, loss_cfg,
                                  num_masks_of(targets))
-  w_ce = float(_cfg(loss_cfg, 'class_weight'))
-  w_mask = float(_cfg(loss_cfg, 'mask_weight'))
-  w_dice = float(_cfg(loss_cfg, 'dice_weight'))
+  w_ce = float(matching.config_value(loss_cfg, 'class_weight'))
+  w_mask = float(matching.config_value(loss_cfg, 'mask_weight'))
+  w_dice = float(matching.config_value(loss_cfg, 'dice_weight'))
 
   losses = {'loss_ce': ce[-1], 'loss_mask': mask[-1], 'loss_dice': dice[-1]}
   for i in range(num_layers - 1):
@@ -255,7 +231,7 @@ def compute_loss(outputs: Mapping[str, jnp.ndarray],
     (total loss scalar, metrics): metrics holds every `set_criterion` key plus
     'num_masks' (the normaliser, for logging).
   """
-  if not bool(_cfg(loss_cfg, 'deep_supervision')):
+  if not bool(matching.config_value(loss_cfg, 'deep_supervision')):
     # Match only the final layer.
     outputs = {'pred_logits': outputs['pred_logits'][-1:],
                'pred_masks': outputs['pred_masks'][-1:]}

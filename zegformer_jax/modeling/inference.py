@@ -138,23 +138,23 @@ def calibrate(scores: jnp.ndarray, seen_mask: jnp.ndarray, gamma) -> jnp.ndarray
 # Resizing.
 
 
-def upsample_masks(mask_logits: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
-  """Bilinear resize of mask logits (torch F.interpolate, align_corners=False).
+def upsample_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
+  """Bilinear resize of the last two axes (torch F.interpolate, align_corners=False).
 
   `jax.image.resize(method='bilinear', antialias=False)` samples at the same half-pixel
   source coordinates (d + 0.5) * in / out - 0.5 with a width-1 triangle kernel; at the array
   edges it renormalises the kernel over the existing pixels, which equals torch's clamping
-  of the source coordinate (tests check this against a numpy port of torch's rule).
+  of the source coordinate when upsampling (tests check this against a numpy port of
+  torch's rule). Used for mask logits in the losses and at inference.
 
   Args:
-    mask_logits: [B, Q, h, w].
-    out_hw: static (H, W), e.g. the padded input size (4h, 4w).
+    x: [..., h, w].
+    out_hw: static (H, W), each >= the input size (e.g. the padded input size, 4h x 4w).
   Returns:
-    [B, Q, H, W] float32.
+    [..., H, W], x's dtype.
   """
-  b, q = mask_logits.shape[:2]
-  return jax.image.resize(mask_logits.astype(jnp.float32), (b, q) + tuple(out_hw),
-                          method='bilinear', antialias=False)
+  shape = x.shape[:-2] + tuple(int(s) for s in out_hw)
+  return jax.image.resize(x, shape, method='bilinear', antialias=False)
 
 
 def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
@@ -333,7 +333,7 @@ def subimages(clip_image: jnp.ndarray, mask_logits: jnp.ndarray, style: str = 'c
   """Sub-image I_q = f(m_q, I) of every query for the CLIP image encoder (sec. 3.3).
 
   Reference section 3 step 3. The binary mask is sigmoid(m_q) > 0.5 at the padded input
-  size (mask logits given at stride 4 are first upsampled like `upsample_masks`).
+  size (mask logits given at stride 4 are first upsampled like `upsample_bilinear`).
     'cropmask' (official default): torchvision roi_align (224x224, aligned=True, adaptive
       sampling) of image * binary_mask over `mask_boxes(binary_mask)`.
     'crop': the same box on the unmasked image.

@@ -50,7 +50,7 @@ BATCH_AXES = (DATA_AXIS, 'fsdp')
 _NONFINITE_COST = 1e8
 
 
-def _cfg(cfg: Any, name: str):
+def config_value(cfg: Any, name: str):
   """Reads `name` from a ConfigDict / attribute object or a plain mapping."""
   if isinstance(cfg, Mapping):
     return cfg[name]
@@ -166,14 +166,14 @@ def match_cost(pred_logits: jnp.ndarray, pred_masks: jnp.ndarray,
   m = tgt_masks_small.shape[1]
   logits = pred_masks.astype(jnp.float32).reshape(b, q, -1)
   targets = tgt_masks_small.astype(jnp.float32).reshape(b, m, -1)
-  alpha = float(_cfg(loss_cfg, 'focal_alpha'))
-  gamma = float(_cfg(loss_cfg, 'focal_gamma'))
+  alpha = float(config_value(loss_cfg, 'focal_alpha'))
+  gamma = float(config_value(loss_cfg, 'focal_gamma'))
   cost_mask = jax.vmap(
       lambda x, t: batch_sigmoid_focal_cost(x, t, alpha, gamma))(logits, targets)
   cost_dice = jax.vmap(batch_dice_cost)(logits, targets)
-  return (float(_cfg(loss_cfg, 'cost_class')) * cost_class
-          + float(_cfg(loss_cfg, 'cost_mask')) * cost_mask
-          + float(_cfg(loss_cfg, 'cost_dice')) * cost_dice)
+  return (float(config_value(loss_cfg, 'cost_class')) * cost_class
+          + float(config_value(loss_cfg, 'cost_mask')) * cost_mask
+          + float(config_value(loss_cfg, 'cost_dice')) * cost_dice)
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def _local_match(pred_logits, pred_masks, tgt_classes, tgt_masks, tgt_valid,
   tgt_small = nearest_downsample(tgt_masks, (h, w)).astype(jnp.float32)
   cost_fn = lambda lg, mk: match_cost(lg, mk, tgt_classes, tgt_small, loss_cfg)
   cost = jax.vmap(cost_fn)(pred_logits, pred_masks)             # [L, b, Q, M]
-  matcher = _cfg(loss_cfg, 'matcher')
+  matcher = config_value(loss_cfg, 'matcher')
   if matcher == 'device':
     m = cost.shape[-1]
     valid = jnp.broadcast_to(tgt_valid[None], (num_layers, b, m))
@@ -373,7 +373,7 @@ def match(outputs: Mapping[str, jnp.ndarray], targets: Mapping[str, jnp.ndarray]
     fn = jax.shard_map(
         fn, mesh=mesh,
         in_specs=(layer_spec, layer_spec, batch_spec, batch_spec, batch_spec),
-        out_specs=layer_spec, check_vma=_cfg(loss_cfg, 'matcher') != 'device')
+        out_specs=layer_spec, check_vma=config_value(loss_cfg, 'matcher') != 'device')
   return jax.lax.stop_gradient(fn(*args))
 
 

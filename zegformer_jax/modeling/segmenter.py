@@ -121,7 +121,8 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
                           train=False)
     pred_logits = outputs['pred_logits'][-1]
     hp, wp = images.shape[1:3]
-    mask_logits = inference.upsample_masks(outputs['pred_masks'][-1], (hp, wp))
+    mask_logits = inference.upsample_bilinear(
+        outputs['pred_masks'][-1].astype(jnp.float32), (hp, wp))
     clip_inputs = None
     if any(v != 'seg' for v in variants):
       clip_inputs = dict(

@@ -242,3 +242,10 @@ def init_variables(model: ZegFormer, rng: jax.Array, image_hw: Tuple[int, int] =
   lowered = jax.jit(init).lower(rng)
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
   return lowered.compile(compiler_options=options)(rng)
+
+
+def variable_shapes(model_config, image_hw: Tuple[int, int] = (64, 64)) -> Dict:
+  """{'params': ..., 'frozen': ...} as jax.ShapeDtypeStruct trees (nothing is computed)."""
+  model = build_model(model_config)
+  return jax.eval_shape(lambda: init_variables(
+      model, jax.random.key(0), image_hw=image_hw, num_classes=1))

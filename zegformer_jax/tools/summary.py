@@ -21,14 +21,6 @@ def _count(tree) -> int:
   return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def variable_shapes(model_config: ml_collections.ConfigDict,
-                    image_hw: Tuple[int, int] = (64, 64)) -> Dict:
-  """{'params': ..., 'frozen': ...} as jax.ShapeDtypeStruct trees (nothing is computed)."""
-  model = zegformer.build_model(model_config)
-  return jax.eval_shape(lambda: zegformer.init_variables(
-      model, jax.random.key(0), image_hw=image_hw, num_classes=1))
-
-
 def parameter_summary(model_config: ml_collections.ConfigDict,
                       image_hw: Tuple[int, int] = (64, 64)) -> Tuple[str, int, int]:
   """Per-top-level-module parameter table.
@@ -43,7 +35,7 @@ def parameter_summary(model_config: ml_collections.ConfigDict,
     penultimate line is `total params: N` (N with FrozenBN scale+bias), the last line gives
     the trainable-only count.
   """
-  shapes = variable_shapes(model_config, image_hw)
+  shapes = zegformer.variable_shapes(model_config, image_hw)
   params, frozen = shapes['params'], shapes.get('frozen', {})
   names = list(params) + [k for k in frozen if k not in params]
   rows = []

@@ -143,8 +143,8 @@ class Conversion:
 
 def model_shapes(model_config) -> Dict[Path, Tuple[int, ...]]:
   """{('params'|'frozen', ...): shape} of the ZegFormer built from a `model` config."""
-  from zegformer_jax.tools import summary
-  return flat_shapes(summary.variable_shapes(model_config))
+  from zegformer_jax.modeling import zegformer
+  return flat_shapes(zegformer.variable_shapes(model_config))
 
 
 def is_float(dtype: np.dtype) -> bool:

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 import numpy as np
 
@@ -157,6 +158,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
   f = flags.FLAGS
+  if not f['verbosity'].present:
+    # orbax logs each step of a save at INFO; the notes printed below say what was done.
+    absl_logging.set_verbosity(absl_logging.WARNING)
   config = f.config
   overrides = config_flags.get_override_values(f['config']) if config is not None else {}
   try:
