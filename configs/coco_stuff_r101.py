@@ -1,8 +1,8 @@
 r"""ZegFormer R-101 on COCO-Stuff 156/15 (official coco-stuff R101 recipe).
 
 Identical to coco_stuff_r50 except for the backbone and, at evaluation, the prompt set: the
-official R101 gzss_eval config switches the segment branch to the single template (reference
-section 9, item 9) although training used imagenet_select.
+official R101 gzss_eval config switches the segment branch to the single template
+(docs/reference.md, section 8, item 9) although training used imagenet_select.
 """
 from configs import common
 from configs import coco_stuff_r50

@@ -8,7 +8,7 @@ Raw layout (COCO 2017 images and the stuffthingmaps_trainval2017 PNGs):
   RAW/images/{train2017,val2017}/<name>.jpg
   RAW/annotations/{train2017,val2017}/<name>.png   value = COCO id - 1 (0..181), 255 unlabelled
 
-Splits written (official_zegformer.md section 5; class lists in assets/coco_stuff_classes.json):
+Splits written (docs/reference.md section 5; class lists in assets/coco_stuff_classes.json):
 
   train       train2017; the 156 seen classes -> 0..155 in canonical COCO order, every other
               value -> 255. Images holding unseen classes are kept, their pixels ignored.

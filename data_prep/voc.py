@@ -14,7 +14,7 @@ By default the copies packaged in zegformer_jax/assets/voc_{train,test}_list.jso
 format: absolute paths like .../SBD/dataset/annotations/train/<name>.png, of which only the
 file stem is used).
 
-Splits written (official_zegformer.md section 5; classes in assets/voc_classes.json).
+Splits written (docs/reference.md section 5; classes in assets/voc_classes.json).
 Background (0) becomes 255 in every split, so there is no background class:
 
   train       train_list only; seen ids 1..15 -> 0..14, unseen pixels -> 255

@@ -25,7 +25,6 @@ def load(name, arg=None):
 def test_official_recipes(name, depth, steps, crop, test_size, ignore, variant, gamma,
                           test_prompts):
   c = load(name)
-  assert c.model.backbone.depth == depth
   assert c.model.backbone.block_counts == common.RESNET_BLOCKS[depth]
   assert c.train.total_steps == steps
   assert c.input.crop_size == crop

@@ -364,7 +364,8 @@ def test_bench_input_cli(tmp_path):
   assert proc.stderr.strip() == "error: --workers must be comma-separated integers, got '0,x'"
   proc = _cli(*args[:2], 'configs/none.py', *args[3:])
   assert proc.returncode == 1
-  assert proc.stderr.strip() == 'error: config file configs/none.py does not exist'
+  assert proc.stderr.strip() == ("error: cannot load config 'configs/none.py': config file "
+                                 'configs/none.py does not exist')
 
 
 def test_bad_values_voc_and_ade(tmp_path):

@@ -1,6 +1,6 @@
 """Training and test-time transforms of the official ZegFormer recipe, in numpy and Pillow.
 
-Training (MaskFormerSemanticDatasetMapper, official_zegformer.md section 4), in this order:
+Training (MaskFormerSemanticDatasetMapper, docs/reference.md section 4), in this order:
   1. ResizeShortestEdge: short side drawn from `min_size_train` ("choice"), long side capped
      at `max_size_train`; bilinear for the image, nearest for the label (Pillow, as
      detectron2's ResizeTransform does for uint8 images).

@@ -1,7 +1,7 @@
 """Class lists and seen/unseen splits of the real datasets, from package data (assets/).
 
 The JSON files in zegformer_jax/assets/ are copied as data from the official ZegFormer split
-files (../shared/reference/data, see official_zegformer.md sections 5 and 10):
+files (see docs/reference.md, section 5):
 
   coco_stuff_classes.json   171 classes in the ZegFormer "all" order: 156 seen, then 15 unseen
   voc_classes.json          20 classes (ids 1..20), seen 1-15, unseen 16-20

@@ -13,7 +13,7 @@ data at once and combines the lane CRCs with the linearity of CRCs (see `_crc32c
 
 Examples use the tf.train.Example protobuf as shipped by tensorflow_datasets
 (`tensorflow_datasets.proto.tf_example_generated_pb2`), which needs no TensorFlow. The
-segmentation schema (ARCHITECTURE.md, "TFRecord schema") is:
+segmentation schema (docs/reference.md, section 7, "TFRecord schema") is:
 
   image/encoded  bytes  PNG or JPEG          image/format  bytes  b'png' | b'jpeg'
   image/filename bytes  original file name   image/height  int64, image/width int64

@@ -1,4 +1,4 @@
-"""Semantic-segmentation metrics of the GZS3 evaluation (reference section 6).
+"""Semantic-segmentation metrics of the GZS3 evaluation (docs/reference.md section 6).
 
 The official `SemSegGzeroEvaluator` is detectron2's `SemSegEvaluator` plus seen / unseen
 means and their harmonic mean. This module has two halves:

@@ -1,6 +1,6 @@
 """CLIP for ZegFormer: local loading, prompt ensembles, text and image embeddings.
 
-ZegFormer uses a frozen CLIP ViT-B/16 twice (docs/reference.md, CLIP):
+ZegFormer uses a frozen CLIP ViT-B/16 twice (docs/reference.md, section 1, "CLIP"):
 
 - text tower: one embedding per class name, a prompt ensemble. For each class the name is
   split into synonyms on ", ", every template x synonym is encoded, each prompt embedding is
@@ -333,7 +333,7 @@ def prompt_features(model, tokenizer, prompts: Sequence[str], batch_size: int = 
 
 def text_embeddings(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
                     batch_size: int = 256, params=None) -> np.ndarray:
-  """Prompt-ensemble class embeddings, float32 [K, D], unit L2 norm (reference section 1).
+  """Prompt-ensemble class embeddings, float32 [K, D], unit L2 norm (docs/reference.md s. 1).
 
   Per class: encode every template x synonym prompt, L2-normalise each prompt feature,
   average, L2-normalise the mean. The text tower is frozen: plain arrays, no gradients.

@@ -1,7 +1,7 @@
 """Set-prediction losses of ZegFormer (MaskFormer's `SetCriterion`).
 
 Reference behaviour (`mask_former/modeling/criterion.py`, summarised in
-shared/reference/official_zegformer.md section 2), losses=["labels", "masks"]:
+docs/reference.md section 2), losses=["labels", "masks"]:
 
   * loss_ce: cross-entropy over K+1 classes, class weights 1 and
     `no_object_weight` (eos_coef, 0.1) on the no-object class; queries that are

@@ -1,7 +1,7 @@
 """ZegFormer inference maths: Eq. 2 and Eq. 3 of the paper, sub-images for CLIP, resizing.
 
 Everything is jittable with static shapes and follows what the official code does
-(shared/reference/official_zegformer.md section 3), which fixes details the paper leaves
+(docs/reference.md section 3), which fixes details the paper leaves
 open:
 
   * p_q(c), segment classification (Eq. 1 logits): softmax over K+1, no-object dropped
@@ -50,7 +50,7 @@ def segment_probs(pred_logits: jnp.ndarray) -> jnp.ndarray:
 
 def image_branch_probs(clip_logits: jnp.ndarray,
                        seg_no_object_logit: jnp.ndarray) -> jnp.ndarray:
-  """p'_q(c) of the image branch (reference section 3, steps 4-5).
+  """p'_q(c) of the image branch (docs/reference.md section 3, steps 4-5).
 
   The official code appends the segmentation branch's raw no-object logit to the CLIP
   logits before the softmax, so a query the segmenter calls "no object" also gets small
@@ -332,7 +332,7 @@ def subimages(clip_image: jnp.ndarray, mask_logits: jnp.ndarray, style: str = 'c
               out_size: int = 224, *, query_chunk: Optional[int] = 8) -> jnp.ndarray:
   """Sub-image I_q = f(m_q, I) of every query for the CLIP image encoder (sec. 3.3).
 
-  Reference section 3 step 3. The binary mask is sigmoid(m_q) > 0.5 at the padded input
+  docs/reference.md section 3, step 3. The binary mask is sigmoid(m_q) > 0.5 at the padded input
   size (mask logits given at stride 4 are first upsampled like `upsample_bilinear`).
     'cropmask' (official default): torchvision roi_align (224x224, aligned=True, adaptive
       sampling) of image * binary_mask over `mask_boxes(binary_mask)`.

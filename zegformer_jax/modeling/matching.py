@@ -2,7 +2,7 @@
 
 This is the JAX counterpart of MaskFormer's `HungarianMatcher`
 (`mask_former/modeling/matcher.py`, used unchanged by ZegFormer; see
-shared/reference/official_zegformer.md section 2):
+docs/reference.md section 2):
 
   * The cost of assigning query q to target m is
         cost_class * (-softmax(pred_logits)[q, class_m])

@@ -1,6 +1,6 @@
 """MaskFormer's BasePixelDecoder: a light FPN that produces the per-pixel mask features.
 
-ZegFormer uses it unchanged (../shared/reference/official_zegformer.md, section 1):
+ZegFormer uses it unchanged (docs/reference.md, section 1, "Pixel decoder"):
 
 - res5: 3x3 conv (no bias) + GroupNorm + ReLU (`layer_4`);
 - res4, res3, res2, top-down: lateral 1x1 conv (no bias) + GroupNorm (`adapter_3/2/1`),

@@ -1,7 +1,7 @@
 """ResNet backbone in the detectron2 layout, with frozen batch norm.
 
 ZegFormer's backbone is detectron2's `build_resnet_backbone` (see
-../shared/reference/official_zegformer.md, section 1):
+docs/reference.md, section 1):
 
 - basic stem: 7x7 stride-2 conv (no bias), FrozenBN, ReLU, 3x3 stride-2 max-pool, padding 1;
 - bottleneck blocks with the stride on the 3x3 conv (STRIDE_IN_1X1 False, torchvision style);

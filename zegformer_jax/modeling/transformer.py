@@ -1,7 +1,7 @@
 """DETR-style transformer decoder and sine position encoding (MaskFormer / ZegFormer).
 
 ZegFormer runs MaskFormer's transformer with zero encoder layers, so only the decoder exists
-(../shared/reference/official_zegformer.md, section 1): 6 layers, d_model 256, 8 heads,
+(docs/reference.md, section 1): 6 layers, d_model 256, 8 heads,
 FFN 2048, dropout 0.1, ReLU, post-norm, and one final LayerNorm shared by every layer's
 output (return_intermediate, used for deep supervision). The decoder's outputs are the
 paper's *segment embeddings*.

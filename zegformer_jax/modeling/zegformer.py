@@ -1,7 +1,7 @@
 """ZegFormer: decoupled zero-shot semantic segmentation (Ding et al., CVPR 2022).
 
 The model groups pixels into segments class-agnostically and classifies each segment
-against CLIP text embeddings (../shared/reference/official_zegformer.md, section 1):
+against CLIP text embeddings (docs/reference.md, section 1):
 
   images -> ResNet (res2..res5) -> BasePixelDecoder -> mask features [B, H/4, W/4, mask_dim]
   res5 (config.decoder.in_feature: a backbone level or 'pixel_embedding', the mask features)

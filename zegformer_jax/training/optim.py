@@ -1,6 +1,6 @@
 """The official ZegFormer optimiser in optax.
 
-detectron2's `build_optimizer` in the reference `train_net.py` (reference section 4):
+detectron2's `build_optimizer` in the reference `train_net.py` (docs/reference.md section 4):
 AdamW (torch defaults betas 0.9/0.999, eps 1e-8), base lr 1e-4, weight decay 1e-4 except on
 GroupNorm/LayerNorm (`WEIGHT_DECAY_NORM` 0) and the query embedding (`nn.Embedding`, 0);
 modules whose name contains "backbone" get lr x 0.1; `WarmupPolyLR` with power 0.9, no
