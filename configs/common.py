@@ -2,8 +2,8 @@
 
 Each experiment file (coco_stuff_r50.py, voc_r101.py, shapesworld.py, ...) calls
 `base_config()` and overrides what its recipe changes. Values are the official ZegFormer
-settings (docs/reference.md) unless a comment says otherwise. The returned ConfigDict is locked: assigning a key that does not exist raises an
-error naming the key, so a misspelt `--config.optim.lr=...` cannot pass silently.
+settings (docs/reference.md) unless a comment says otherwise. The returned ConfigDict is
+locked: assigning a key that does not exist raises an error naming the key, so a misspelt `--config.optim.lr=...` cannot pass silently.
 """
 import ml_collections
 
@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.decoder.dropout = 0.1
   c.model.decoder.num_queries = 100
   c.model.decoder.pre_norm = False
-  c.model.decoder.in_feature = 'res5'       # TRANSFORMER_IN_FEATURE: res2..res5, or 'pixel_embedding' (mask features)
+  # TRANSFORMER_IN_FEATURE: res2..res5, or 'pixel_embedding' (the mask features).
+  c.model.decoder.in_feature = 'res5'
   # Mask2Former's masked cross-attention (each layer reads the foreground of the previous
   # layer's mask prediction). Not in ZegFormer/MaskFormer; off in every official config.
   c.model.decoder.masked_attention = False
@@ -90,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- CLIP
   c.clip = ml_collections.ConfigDict()
-  c.clip.model_path = ''                    # local Hugging Face directory (openai/clip-vit-base-patch16 layout)
+  # A local Hugging Face directory (the openai/clip-vit-base-patch16 layout).
+  c.clip.model_path = ''
   c.clip.train_prompts = 'imagenet_select'  # prompt set for seen-class text embeddings
   c.clip.test_prompts = 'imagenet_select'   # prompt set for the segment branch at evaluation
   c.clip.image_prompts = 'select_clip'      # 32 templates: the image branch always uses these

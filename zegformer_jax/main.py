@@ -84,8 +84,14 @@ def main(argv):
   workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   training = FLAGS.mode in ('train', 'train_and_eval')
+  if not training and not config.train.init_from:
+    from zegformer_jax.training import checkpoints
+    if not checkpoints.has_checkpoint(workdir):   # before a project prepares anything
+      raise FileNotFoundError(
+          f'no checkpoint in {os.path.join(os.path.abspath(workdir), checkpoints.SUBDIR)}: '
+          'train first (--mode train) or set --config.train.init_from')
   config = prepare_project(config, workdir, for_training=training)
-  if jax.process_index() == 0:
+  if training and jax.process_index() == 0:   # readers (eval, predict) leave the run's own
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   logging.info('devices: %d (%d local), processes: %d', jax.device_count(),

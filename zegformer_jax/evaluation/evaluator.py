@@ -35,7 +35,8 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
   reduction. Label pixels beyond each label's own size hold the ignore value, so they never
   count.
   """
-  scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model, view_shapes)
+  scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model,
+                                    view_shapes)
   ignore = config.dataset.ignore_value
 
   def step(acc, params, frozen, batch, *args):
@@ -82,7 +83,8 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   else:
     model = zegformer.build_model(config.model)
 
-  clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, class_names, variants)
+  clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, class_names,
+                                                               variants)
 
   view_shapes = None
   if tta.enabled(config.eval, config.input):

@@ -48,7 +48,8 @@ TORCH_WEIGHTS_NAMES = ('pytorch_model.bin', 'pytorch_model.bin.index.json')
 TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'tokenizer.json', 'tokenizer_config.json',
                    'special_tokens_map.json')
 
-CONVERT_HINT = ('convert it with `python -m zegformer_jax.weights.convert --from openai-clip` or provide '
+CONVERT_HINT = ('convert it with `python -m zegformer_jax.weights.convert --from openai-clip` '
+                'or provide '
                 f'{FLAX_WEIGHTS_NAME} / {SAFE_WEIGHTS_NAME}')
 
 # CLIP's special tokens and its pre-tokenisation pattern (the same pattern transformers'
@@ -359,7 +360,8 @@ def text_embeddings(model, tokenizer, class_names: Sequence[str], templates: Seq
 # ---------------------------------------------------------------------------- cache
 
 
-def _sha256_file(file: str) -> str:
+def sha256_file(file: str) -> str:
+  """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
   h = hashlib.sha256()
   with open(file, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -379,10 +381,10 @@ def clip_fingerprint(model_path: str) -> Dict[str, Any]:
   stat = os.stat(weights)
   return {
       'path': path,
-      'config_sha256': _sha256_file(os.path.join(path, CONFIG_NAME)),
+      'config_sha256': sha256_file(os.path.join(path, CONFIG_NAME)),
       'weights': {'name': os.path.basename(weights), 'size': stat.st_size,
                   'mtime_ns': stat.st_mtime_ns},
-      'tokenizer_sha256': {n: _sha256_file(os.path.join(path, n)) for n in TOKENIZER_FILES
+      'tokenizer_sha256': {n: sha256_file(os.path.join(path, n)) for n in TOKENIZER_FILES
                            if os.path.isfile(os.path.join(path, n))},
   }
 

@@ -14,8 +14,8 @@ docs/reference.md section 2):
     (float64), per image, in a host callback, as the reference. `'device'`: the same
     minimum-cost assignment solved on the accelerator (`hungarian_device`, float32 shortest
     augmenting paths), which keeps the step in one XLA program: no device -> host -> device
-    round trip, which costs 3-4 ms of a 32-ms ShapesWorld step on CPU and far more on a TPU
-    pod. The two agree except between assignments whose total costs tie to float32
+    round trip (a tenth of a ShapesWorld step on CPU, BENCHMARKS.md; more on a TPU pod).
+    The two agree except between assignments whose total costs tie to float32
     precision.
 
 Everything here has static shapes. Targets are padded to M per image and carry a
@@ -40,9 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-# Mesh axes over which the batch is sharded (those of them the mesh has).
-DATA_AXIS = 'data'
-BATCH_AXES = (DATA_AXIS, 'fsdp')
+from zegformer_jax.training import sharding
 
 # Replacement for non-finite costs on the host. scipy refuses matrices with NaN
 # (and rows/columns of +inf can make the problem infeasible); diverged logits
@@ -363,7 +361,7 @@ def match(outputs: Mapping[str, jnp.ndarray], targets: Mapping[str, jnp.ndarray]
   fn = lambda *a: _local_match(*a, loss_cfg=loss_cfg)
   if mesh is not None:
     # The batch is split over 'data' and, on an FSDP mesh (sharding.py), 'fsdp' too.
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    axes = sharding.batch_axes(mesh)
     layer_spec = jax.sharding.PartitionSpec(None, axes)
     batch_spec = jax.sharding.PartitionSpec(axes)
     # Under shard_map the device solver's loops stay local to each device (sharded by the

@@ -80,6 +80,16 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 SUBDIR = 'checkpoints'   # a run's checkpoints: <workdir>/checkpoints/<step>/
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a finished checkpoint, read without an orbax manager.
+
+  (A manager cleans up unfinished saves: a reader must not create one beside a running job.)
+  Orbax writes `<step>.orbax-checkpoint-tmp` and renames it to `<step>` when it is complete.
+  """
+  directory = os.path.join(workdir, SUBDIR)
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 

@@ -6,13 +6,13 @@ without torch and without running code in them (`read_tensors`, via torch_pickle
 """
 import dataclasses
 import fnmatch
-import hashlib
 import os
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from zegformer_jax.modeling import clip
 from zegformer_jax.weights import torch_pickle
 from zegformer_jax.weights.store import Path, flat_shapes, listing, path_str
 
@@ -197,12 +197,7 @@ def check_conversion(conv: Conversion, allow_missing: Sequence[str] = (),
 # ----------------------------------------------------------------------------- reading
 
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
-      h.update(chunk)
-  return h.hexdigest()
+sha256_file = clip.sha256_file   # the input file's fingerprint in the store's meta
 
 
 def read_tensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:

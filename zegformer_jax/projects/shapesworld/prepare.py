@@ -44,7 +44,7 @@ def prepare(config, workdir: str, *, for_training: bool = True):
   make_clip = not config.clip.model_path
   make_backbone = (for_training and not config.train.init_from
                    and config.shapesworld.backbone_pretrain.steps > 0
-                   and not _has_checkpoint(workdir))
+                   and not checkpoints.has_checkpoint(workdir))
   data = config.dataset.data_dir or world_dir(config, workdir)
   if make_clip and make_backbone:
     pretrain_concurrently(config, workdir)   # CLIP beside the backbone; nothing if done
@@ -55,16 +55,6 @@ def prepare(config, workdir: str, *, for_training: bool = True):
     if make_backbone:
       config.train.init_from = backbone_dir(config, workdir)
   return config
-
-
-def _has_checkpoint(workdir: str) -> bool:
-  if _absent_or_empty(os.path.join(workdir, checkpoints.SUBDIR)):
-    return False
-  ckpt = checkpoints.Checkpointer(workdir, keep=1, every=1)
-  try:
-    return ckpt.latest_step() is not None
-  finally:
-    ckpt.close()
 
 
 def world_settings(config) -> dict:
@@ -120,23 +110,24 @@ def backbone_dir(config, workdir: str) -> str:
 def pretrain_concurrently(config, workdir: str) -> bool:
   """Pretrains ShapesWorld's miniature CLIP in a child process beside the backbone in this one.
 
-  Both are made on first use, and mini_clip_dir / backbone_dir would make them one after the other
-  (about 60 s and 200 s on 2 CPU cores, 271 s in all). Neither keeps both cores busy all the
-  time (op-by-op init, compilation), so side by side they take about 253 s. Each process
-  computes exactly what it would alone: the weights are bit-identical to sequential ones.
-  Afterwards mini_clip_dir and backbone_dir find both finished and reuse them (and still hold their
-  barriers, so the other processes of a multi-process job wait as before).
+  Both are made on first use, and mini_clip_dir / backbone_dir would make them one after
+  the other. Neither keeps both cores busy all the time (op-by-op init, compilation), so side
+  by side they finish sooner (BENCHMARKS.md, eighth pass). Each process computes exactly what
+  it would alone: the weights are bit-identical to sequential ones. Afterwards mini_clip_dir
+  and backbone_dir find both finished and reuse them (and still hold their barriers, so the
+  other processes of a multi-process job wait as before).
 
   Runs only on process 0, on the CPU backend, for ShapesWorld, when no CLIP path is given, the
-  backbone pretraining is wanted (no config.train.init_from, backbone_pretrain.steps > 0), and
+  backbone pretraining is wanted (no config.train.init_from, shapesworld.backbone_pretrain.steps
+  > 0), and
   `<workdir>/clip`, `<workdir>/backbone` and `<workdir>/checkpoints` are all absent or empty.
-  Otherwise it does nothing and mini_clip_dir / backbone_dir do (or reuse) whatever is needed, as
-  without it:
+  Otherwise it does nothing and mini_clip_dir / backbone_dir do (or reuse) whatever is
+  needed, as without it:
   - with one pretraining to do there is nothing to overlap;
   - a run that resumes from a checkpoint never reads the backbone (init_from is only for a
     fresh start), so it must not be made here;
-  - a directory holding something else is an error that mini_clip_dir / backbone_dir report at once
-    with their own message; found in the child it would surface only after the backbone;
+  - a directory holding something else is an error that mini_clip_dir / backbone_dir
+    report at once with their own message; found in the child it would surface only after the backbone;
   - on an accelerator two processes would compete for its memory (a TPU admits only one).
 
   The child is spawned, not forked: this process runs JAX, and a forked child would inherit
