@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = 'train'    # seen classes only (labels 0..K_seen-1, rest ignored)
   c.dataset.eval_split = 'val_all'   # all classes, GZS3 setting
   c.dataset.ignore_value = 255
+  c.dataset.zs3_split = 'val_unseen'  # unseen classes only, seen pixels ignored (ZS3 setting)
 
   # ---------------------------------------------------------------- input
   c.input = ml_collections.ConfigDict()
@@ -147,6 +148,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.clip_style = 'cropmask'            # 'crop' | 'mask' | 'cropmask'
   c.eval.clip_top_k = 0                     # 0: all queries go through the image branch
   c.eval.max_images = 0                     # 0: the whole split
+  # 'gzs3' (all classes of dataset.eval_split), 'zs3' (the unseen classes only, on
+  # dataset.zs3_split), or both: 'gzs3,zs3' (metrics_<variant>_zs3.json).
+  c.eval.setting = 'gzs3'
+  # Cross-dataset open vocabulary: another converted dataset evaluated with its own class
+  # names (metrics_<variant>_<name>.json); a class is seen when it was a training class.
+  c.eval.data_dir = ''
+  c.eval.split = ''                         # '' -> 'val_all'
+  c.eval.name = ''                          # '' -> the dataset's name in its dataset_info
   # Test-time augmentation (detectron2 TEST.AUG; modeling/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
   c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test

@@ -4,7 +4,7 @@ The CLI is run for the inputs it rejects before compiling anything (config key a
 missing data directory, truncated TFRecord, checkpoint of another config); the others are
 checked on the function that raises, with the message the CLI would print (main.py prints
 any FileNotFoundError / ValueError / FloatingPointError as `error: <str(e)>`).
-Every message is printed (pytest -s) for the README table.
+Every message is printed (pytest -s) for the README table. The CLI runs are marked `slow`.
 """
 import functools
 import os
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import train_cli
+import cli_runs
 from configs import shapesworld
 from zegformer_jax.training import checkpoints
 from zegformer_jax.data import data_source
@@ -30,17 +30,20 @@ from zegformer_jax.modeling import zegformer
 from zegformer_jax.training import state as state_lib
 
 
-def _cli(tmp_path, tmp_path_factory, *args, config=train_cli.SMOKE, **env):
-  """Runs main with `args` after the smoke resources; returns (status, last stderr line)."""
-  resources = train_cli.shared_resources(tmp_path_factory)
-  argv = train_cli.main_args(str(tmp_path / 'run'), resources, *args)
-  argv[1] = config
-  if 'shapesworld' not in config:   # the project's keys exist only in its config
-    argv = [a for a in argv if not a.startswith('--config.shapesworld.')]
-  result = train_cli.run(argv, train_cli.compile_cache(tmp_path_factory), timeout=120, **env)
-  lines = result.stderr.strip().splitlines()
-  print(lines[-1] if lines else '(no stderr)')
-  return result.returncode, (lines[-1] if lines else ''), result.stderr
+@pytest.fixture
+def main_cli(tmp_path, smoke_resources, compile_cache):
+  """main_cli(*args, config=SMOKE, **env) runs main with `args` after the smoke resources in
+  tmp_path/run; returns (status, last stderr line, stderr)."""
+  def run(*args, config=cli_runs.SMOKE, **env):
+    argv = cli_runs.main_args(str(tmp_path / 'run'), smoke_resources, *args)
+    argv[1] = config
+    if 'shapesworld' not in config:   # the project's keys exist only in its config
+      argv = [a for a in argv if not a.startswith('--config.shapesworld.')]
+    result = cli_runs.run(argv, compile_cache, timeout=120, **env)
+    lines = result.stderr.strip().splitlines()
+    print(lines[-1] if lines else '(no stderr)')
+    return result.returncode, (lines[-1] if lines else ''), result.stderr
+  return run
 
 
 def _assert_one_line_error(status, line, stderr, *fragments):
@@ -51,8 +54,7 @@ def _assert_one_line_error(status, line, stderr, *fragments):
     assert fragment in line, (fragment, line)
 
 
-def _data_copy(tmp_path, tmp_path_factory) -> str:
-  resources = train_cli.shared_resources(tmp_path_factory)
+def _data_copy(tmp_path, resources) -> str:
   data_dir = str(tmp_path / 'data')
   shutil.copytree(os.path.join(resources, 'data'), data_dir)
   return data_dir
@@ -77,39 +79,42 @@ def _expected_error_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_unknown_config_key(tmp_path, tmp_path_factory):
-  status, line, stderr = _cli(tmp_path, tmp_path_factory, '--config.optim.lrr=1')
+@pytest.mark.slow
+def test_unknown_config_key(main_cli):
+  status, line, stderr = main_cli('--config.optim.lrr=1')
   _assert_one_line_error(status, line, stderr, "unknown config key 'lrr'",
                          '--config.optim.lrr=1', 'Did you mean "lr"')
 
 
-def test_config_value_of_wrong_type(tmp_path, tmp_path_factory):
-  status, line, stderr = _cli(tmp_path, tmp_path_factory, '--config.train.total_steps=1.5')
+@pytest.mark.slow
+def test_config_value_of_wrong_type(main_cli):
+  status, line, stderr = main_cli('--config.train.total_steps=1.5')
   _assert_one_line_error(status, line, stderr, '--config.train.total_steps=1.5',
                          'invalid literal for int()')
 
 
-def test_missing_data_directory_and_debug_traceback(tmp_path, tmp_path_factory):
+@pytest.mark.slow
+def test_missing_data_directory_and_debug_traceback(main_cli):
   args = ('--config.dataset.data_dir=/nonexistent/voc', '--config.clip.model_path=/nonexistent')
-  status, line, stderr = _cli(tmp_path, tmp_path_factory, *args, config='configs/voc_r50.py')
+  status, line, stderr = main_cli(*args, config='configs/voc_r50.py')
   _assert_one_line_error(status, line, stderr, "dataset directory '/nonexistent/voc'",
                          'does not exist', 'python -m data_prep.voc')
-  status, _, stderr = _cli(tmp_path, tmp_path_factory, *args, config='configs/voc_r50.py',
-                           ZEGFORMER_DEBUG=1)
+  status, _, stderr = main_cli(*args, config='configs/voc_r50.py', ZEGFORMER_DEBUG=1)
   assert status == 1 and 'Traceback' in stderr and 'FileNotFoundError' in stderr
 
 
-def test_truncated_tfrecord(tmp_path, tmp_path_factory):
-  data_dir = _data_copy(tmp_path, tmp_path_factory)
+@pytest.mark.slow
+def test_truncated_tfrecord(tmp_path, smoke_resources, main_cli):
+  data_dir = _data_copy(tmp_path, smoke_resources)
   shard = _train_shard(data_dir, 1)
   with open(shard, 'r+b') as f:
     f.truncate(os.path.getsize(shard) - 100)
-  status, line, stderr = _cli(tmp_path, tmp_path_factory,
-                              f'--config.dataset.data_dir={data_dir}')
+  status, line, stderr = main_cli(f'--config.dataset.data_dir={data_dir}')
   _assert_one_line_error(status, line, stderr, shard, 'is truncated')
 
 
-def test_checkpoint_of_another_config(tmp_path, tmp_path_factory):
+@pytest.mark.slow
+def test_checkpoint_of_another_config(tmp_path, main_cli):
   workdir = str(tmp_path / 'run')
   # A checkpoint of a model with a wider FFN (another config), written in-process.
   other = shapesworld.get_config('smoke')
@@ -125,7 +130,7 @@ def test_checkpoint_of_another_config(tmp_path, tmp_path_factory):
   ckpt = checkpoints.Checkpointer(workdir, keep=1, every=1)
   ckpt.save(1, state)
   ckpt.close()
-  status, line, stderr = _cli(tmp_path, tmp_path_factory)
+  status, line, stderr = main_cli()
   _assert_one_line_error(
       status, line, stderr, 'does not match the model of this config',
       'params/transformer/layers_0/linear1/kernel has shape (64, 256) in the checkpoint, '
@@ -135,8 +140,8 @@ def test_checkpoint_of_another_config(tmp_path, tmp_path_factory):
 # ----------------------------------------------------------------------------- data
 
 
-def test_corrupt_tfrecord_crc(tmp_path, tmp_path_factory):
-  data_dir = _data_copy(tmp_path, tmp_path_factory)
+def test_corrupt_tfrecord_crc(tmp_path, smoke_resources):
+  data_dir = _data_copy(tmp_path, smoke_resources)
   shard = _train_shard(data_dir, 0)
   offset, length = tfrecord.index_records(shard)[2]
   with open(shard, 'r+b') as f:  # flip one byte inside the data of record 2
@@ -157,8 +162,8 @@ def test_corrupt_tfrecord_crc(tmp_path, tmp_path_factory):
       next(it)
 
 
-def test_undecodable_image_in_record(tmp_path, tmp_path_factory):
-  data_dir = _data_copy(tmp_path, tmp_path_factory)
+def test_undecodable_image_in_record(tmp_path, smoke_resources):
+  data_dir = _data_copy(tmp_path, smoke_resources)
   shard = _train_shard(data_dir, 0)
   _rewrite_record(shard, 0, lambda ex: tfrecord.encode_example(
       image=b'\x89PNG this is not an image', image_format='png', filename='broken.png',
@@ -170,8 +175,8 @@ def test_undecodable_image_in_record(tmp_path, tmp_path_factory):
   assert 'broken.png' in str(e.value) and 'cannot decode image' in str(e.value)
 
 
-def test_label_value_out_of_range(tmp_path, tmp_path_factory):
-  data_dir = _data_copy(tmp_path, tmp_path_factory)
+def test_label_value_out_of_range(tmp_path, smoke_resources):
+  data_dir = _data_copy(tmp_path, smoke_resources)
   shard = _train_shard(data_dir, 0)
 
   def bad_label(ex):
@@ -190,8 +195,8 @@ def test_label_value_out_of_range(tmp_path, tmp_path_factory):
   assert "outside the split's range [0, 26)" in str(e.value)
 
 
-def test_checkpoint_from_another_process_count(tmp_path, tmp_path_factory):
-  data_dir = os.path.join(train_cli.shared_resources(tmp_path_factory), 'data')
+def test_checkpoint_from_another_process_count(tmp_path, smoke_resources):
+  data_dir = os.path.join(smoke_resources, 'data')
   config = shapesworld.get_config('smoke')
   it = input_pipeline.make_train_iterator(config, data_dir)
   state = {'step': jnp.zeros((), jnp.int32)}

@@ -68,6 +68,7 @@ def _main(*args):
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_is_one_line_error():
   r = _main('--config', 'configs/voc_r50.py', '--config.optim.lrr=1', '--mode', 'summary')
   assert r.returncode != 0
@@ -76,6 +77,7 @@ def test_cli_unknown_key_is_one_line_error():
   assert 'Traceback' not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_wrong_type_is_one_line_error():
   r = _main('--config', 'configs/voc_r50.py', '--config.optim.lr=abc', '--mode', 'summary')
   assert r.returncode != 0

@@ -104,7 +104,7 @@ def main(argv):
     if train.train(config, workdir, evaluators)['preempted']:
       return  # checkpoint saved; exit 0 so the scheduler can requeue the same command
   if FLAGS.mode in ('eval', 'train_and_eval'):
-    evaluator.evaluate_variants(config, workdir, FLAGS.variants or [config.eval.variant])
+    evaluator.evaluate_settings(config, workdir, FLAGS.variants or [config.eval.variant])
   if FLAGS.mode == 'predict':
     from zegformer_jax.tools import predict
     predict.run(config, workdir, images=FLAGS.images, classes=FLAGS.classes,

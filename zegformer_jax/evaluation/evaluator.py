@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zegformer_jax.data import datasets_meta
 from zegformer_jax.data import input_pipeline
+from zegformer_jax.data import tfrecord
 from zegformer_jax.evaluation import metrics as metrics_lib
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import segmenter
@@ -27,17 +29,17 @@ from zegformer_jax.training import state as state_lib
 
 
 def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_model=None,
-                   view_shapes=None):
+                   view_shapes=None, ignore_value=None):
   """Jitted ((confs, n), params, frozen, batch, text, seen, clip_params, clip_text) -> (confs, n).
 
   confs maps each variant to its [K+1, K+1] confusion matrix (metrics.confusion_matrix); n
   counts the valid (non-padding) images, summed over every process by the sharded
   reduction. Label pixels beyond each label's own size hold the ignore value, so they never
-  count.
+  count. `ignore_value` defaults to config.dataset.ignore_value.
   """
   scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model,
                                     view_shapes)
-  ignore = config.dataset.ignore_value
+  ignore = config.dataset.ignore_value if ignore_value is None else ignore_value
 
   def step(acc, params, frozen, batch, *args):
     confs, count = acc
@@ -58,6 +60,88 @@ def load_trained_state(config, workdir):
   return state_lib.load_latest_state(config, workdir, len(train_classes))
 
 
+SETTINGS = ('gzs3', 'zs3')
+
+
+def check_settings(setting: str) -> tuple:
+  """config.eval.setting ('gzs3', 'zs3' or 'gzs3,zs3') as a tuple; unknown ones are errors."""
+  settings = tuple(dict.fromkeys(s.strip() for s in str(setting).split(',') if s.strip()))
+  bad = [s for s in settings if s not in SETTINGS]
+  if bad or not settings:
+    raise ValueError(f'config.eval.setting must be one or more of {SETTINGS} (comma-separated), '
+                     f'got {setting!r}')
+  return settings
+
+
+def training_class_names(config) -> list:
+  """The classes the model was trained on (its train split; else the packaged list)."""
+  try:
+    names, _ = input_pipeline.dataset_classes(input_pipeline.data_dir(config),
+                                              config.dataset.train_split)
+    return names
+  except (FileNotFoundError, ValueError):
+    try:
+      names, _ = datasets_meta.split_names(config.dataset.name, 'train')
+      return list(names)
+    except Exception:  # pylint: disable=broad-except  (no packaged list: nothing is seen)
+      return []
+
+
+class Target:
+  """What one evaluation reads: data directory, split, class names, seen mask, ignore value.
+
+  GZS3 (the default): the eval split of the training dataset, all of its classes.
+  ZS3: its unseen split (config.dataset.zs3_split): the vocabulary is the unseen classes
+  only and seen pixels are ignored, as the converters write that split.
+  Cross-dataset (config.eval.data_dir set): another dataset's split with its own class
+  names; a class counts as seen (Eq. 2, Eq. 3) when the model was trained on that name.
+  """
+
+  def __init__(self, config, split=None, setting='gzs3'):
+    self.setting = setting
+    if config.eval.data_dir:
+      if setting != 'gzs3':
+        raise ValueError('config.eval.data_dir (cross-dataset evaluation) takes '
+                         f'config.eval.setting=gzs3, got {setting!r}')
+      self.data_dir = config.eval.data_dir
+      if not os.path.isdir(self.data_dir):
+        raise FileNotFoundError(f'evaluation dataset directory {self.data_dir!r} '
+                                '(config.eval.data_dir) does not exist')
+      self.split = split or config.eval.split or 'val_all'
+      self.class_names, _ = input_pipeline.dataset_classes(self.data_dir, self.split)
+      trained = set(training_class_names(config))
+      self.seen_mask = np.asarray([n in trained for n in self.class_names], bool)
+      info = tfrecord.read_dataset_info(self.data_dir)
+      self.name = config.eval.name or info.get('name') or os.path.basename(
+          os.path.normpath(self.data_dir))
+    else:
+      self.data_dir = input_pipeline.data_dir(config)
+      self.split = split or (config.dataset.zs3_split if setting == 'zs3'
+                             else config.dataset.eval_split)
+      self.class_names, self.seen_mask = input_pipeline.dataset_classes(self.data_dir,
+                                                                        self.split)
+      self.name = config.dataset.name
+    self.ignore_value = int(tfrecord.split_info(
+        tfrecord.read_dataset_info(self.data_dir), self.split, self.data_dir)['ignore_value'])
+    self.cross_dataset = bool(config.eval.data_dir)
+
+  def file_tag(self, tag: str) -> str:
+    """The part of metrics_<variant>_<...>.json that tells this evaluation from the default."""
+    parts = [self.name] if self.cross_dataset else []
+    parts += ['zs3'] if self.setting == 'zs3' else []
+    return '_'.join(parts + ([tag] if tag else []))
+
+  def data_config(self, config):
+    """`config` reading this target's data (for the eval pipeline)."""
+    if not self.cross_dataset:
+      return config
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.dataset.data_dir = self.data_dir
+      config.dataset.ignore_value = self.ignore_value
+    return config
+
+
 def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
   """Evaluates one variant (default config.eval.variant); see `evaluate_variants`."""
   variant = variant or config.eval.variant
@@ -65,17 +149,30 @@ def evaluate(config, workdir, *, state=None, split=None, variant=None, tag=''):
                            tag=tag)[variant]
 
 
-def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=''):
+def evaluate_settings(config, workdir, variants, *, state=None, tag='') -> dict:
+  """evaluate_variants for every setting of config.eval.setting: {setting: {variant: ...}}."""
+  settings = check_settings(config.eval.setting)
+  if state is None and len(settings) > 1:
+    _, state = load_trained_state(config, workdir)   # restored once for all settings
+  return {s: evaluate_variants(config, workdir, variants, state=state, tag=tag, setting=s)
+          for s in settings}
+
+
+def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag='',
+                      setting='gzs3'):
   """Evaluates the latest checkpoint (or `state`) on `split`, all variants in one pass.
 
-  Writes metrics_<variant>[_<tag>].json per variant and returns {variant: metrics}. The
-  variants share each batch's forward pass (and the image branch, for img and full).
+  Writes metrics_<variant>[_<tag>].json per variant (with the dataset's name for a
+  cross-dataset evaluation and `zs3` for that setting, see `Target`) and returns
+  {variant: metrics}. The variants share each batch's forward pass (and the image branch,
+  for img and full).
   """
   variants = segmenter.check_variants(variants)
-  split = split or config.dataset.eval_split
+  check_settings(setting)
+  target = Target(config, split, setting)
+  split, data_dir = target.split, target.data_dir
+  class_names, seen_mask = target.class_names, target.seen_mask
   mesh = sharding.mesh_from_config(config)
-  data_dir = input_pipeline.data_dir(config)
-  class_names, seen_mask = input_pipeline.dataset_classes(data_dir, split)
   num_classes = len(class_names)
   text = clip.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
   if state is None:
@@ -96,13 +193,14 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   step_fn = None
   text = sharding.replicate(text, mesh)
   seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
-  for batch in input_pipeline.make_eval_batches(config, data_dir, split):
+  for batch in input_pipeline.make_eval_batches(target.data_config(config), data_dir, split):
     if view_shapes is not None:
       batch['view_hw'] = tta.view_sizes(config.eval, config.input, batch['label_hw'])
     dev_batch = sharding.shard_batch(batch, mesh)
     if step_fn is None:
       step_fn = make_eval_step(config, model, variants, num_classes,
-                               tuple(batch['label'].shape[1:3]), clip_model, view_shapes)
+                               tuple(batch['label'].shape[1:3]), clip_model, view_shapes,
+                               ignore_value=target.ignore_value)
       zeros = np.zeros((num_classes + 1, num_classes + 1), np.int32)
       acc = sharding.replicate(({v: zeros for v in variants}, np.zeros((), np.int32)), mesh)
     acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
@@ -114,17 +212,22 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   confs, num_images = jax.device_get(acc)
   wall = round(time.time() - t0, 2)
   results = {}
+  file_tag = target.file_tag(tag)
   for variant in variants:
     result = metrics_lib.compute_metrics(
         np.asarray(confs[variant]), class_names, np.asarray(seen_mask, bool),
-        dataset=config.dataset.name, variant=variant, num_images=int(num_images))
+        dataset=target.name, variant=variant, num_images=int(num_images))
     result['split'] = split
+    result['setting'] = setting
+    if target.cross_dataset:
+      result['eval_data_dir'] = data_dir
+      result['trained_on'] = config.dataset.name
     result['test_views'] = [{'min_size': s, 'flip': f}
                             for s, f in tta.views(config.eval, config.input)]
     result['eval_variants'] = list(variants)   # evaluated together in eval_wall_s
     result['eval_wall_s'] = wall
     if jax.process_index() == 0:
-      name = f'metrics_{variant}{("_" + tag) if tag else ""}.json'
+      name = f'metrics_{variant}{("_" + file_tag) if file_tag else ""}.json'
       path = os.path.join(workdir, name)
       metrics_lib.write_metrics_json(result, path)
       logging.info('wrote %s', path)

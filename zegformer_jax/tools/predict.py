@@ -21,8 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from zegformer_jax.data import augment
-from zegformer_jax.data import datasets_meta
-from zegformer_jax.data import input_pipeline
+from zegformer_jax.evaluation import evaluator
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import segmenter
 from zegformer_jax.modeling import tta
@@ -113,18 +112,10 @@ def shares(labels: np.ndarray, names: list[str]) -> list[dict]:
           for c in np.argsort(-counts, kind='stable') if counts[c]]
 
 
-def seen_mask_for(config, workdir: str, names: list[str]) -> np.ndarray:
-  """True for names among the training classes (the dataset's, else the packaged list)."""
-  train_names = []
-  try:
-    data_dir = input_pipeline.data_dir(config)
-    train_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
-  except FileNotFoundError:
-    try:
-      train_names, _ = datasets_meta.split_names(config.dataset.name, 'train')
-    except Exception:  # no packaged list for this dataset: everything is unseen
-      train_names = []
-  return np.asarray([n in set(train_names) for n in names], bool)
+def seen_mask_for(config, names: list[str]) -> np.ndarray:
+  """True for names among the training classes (evaluator.training_class_names)."""
+  trained = set(evaluator.training_class_names(config))
+  return np.asarray([n in trained for n in names], bool)
 
 
 def run(config, workdir: str, *, images: str, classes: str | None = None,
@@ -135,7 +126,7 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
   os.makedirs(output_dir, exist_ok=True)
   variant = config.eval.variant
 
-  seen = seen_mask_for(config, workdir, names)
+  seen = seen_mask_for(config, names)
   # No parameter depends on the number of classes, so any K builds the same state tree.
   model, state = state_lib.load_latest_state(config, workdir, len(names))
   text = clip.class_text_embeddings(config, workdir, names, config.clip.test_prompts)

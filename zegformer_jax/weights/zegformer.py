@@ -1,7 +1,7 @@
 """Official ZegFormer (detectron2) state_dict keys -> zegformer_jax Flax variables.
 
-`official_targets` is the single key mapping (tests/test_models.py runs it over the full
-R-50 key list); `convert_zegformer_format` applies it to the formats whose targets are
+`official_targets` is the single key mapping (tests/modeling/test_models.py runs it over the
+full R-50 key list); `convert_zegformer_format` applies it to the formats whose targets are
 ZegFormer variables: a whole official checkpoint, or a ResNet backbone alone.
 """
 import re

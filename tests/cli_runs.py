@@ -1,18 +1,20 @@
-"""Helpers for the tests that run `python -m zegformer_jax.main` in subprocesses.
+"""Plain helpers for the tests that run `python -m zegformer_jax.main` in subprocesses.
 
-Not a test module. The runs use the ShapesWorld smoke config with:
+Not a test module; the session-wide resources these runs need are fixtures in conftest.py
+(`smoke_resources`, `compile_cache`, `cached_run`). The runs use the ShapesWorld smoke config
+with:
   * one ShapesWorld smoke dataset, miniature CLIP and text-embedding cache per test session,
-    shared by every run (--config.dataset.data_dir / --config.clip.model_path), generated
-    once under a file lock (pytest-xdist workers share it);
-  * no backbone pretraining (--config.shapesworld.backbone_pretrain.steps=0; tests/test_backbone_pretrain.py
-    covers it): the runs start from random weights;
-  * a persistent XLA compilation cache shared by every run (the train step itself is never
-    cached: it holds a host callback, the Hungarian matching);
+    shared by every run (--config.dataset.data_dir / --config.clip.model_path; the
+    `smoke_resources` fixture);
+  * no backbone pretraining (--config.shapesworld.backbone_pretrain.steps=0;
+    tests/projects/shapesworld/test_backbone_pretrain.py covers it): the runs start from
+    random weights;
+  * a persistent XLA compilation cache (the `compile_cache` fixture, one per xdist worker;
+    the train step itself is never cached: it holds a host callback, the Hungarian matching);
   * XLA CPU backend optimisation off (--xla_backend_optimization_level=0): the train step
     compiles in ~7 s instead of ~20 s on 2 cores. Runs compared with each other always use
     the same flags.
 """
-import fcntl
 import json
 import os
 import shutil
@@ -24,65 +26,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/shapesworld.py:smoke'
 LAUNCHER = os.path.join(ROOT, 'launch', 'local_multiprocess.sh')
-
-
-def _session_root(tmp_path_factory) -> str:
-  """A directory shared by all xdist workers of this session (else the session's own)."""
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
-  return str(root)
-
-
-def shared_resources(tmp_path_factory) -> str:
-  """<dir> with data/, clip/ and text_embeddings/ for the smoke config (made once)."""
-  root = os.path.join(_session_root(tmp_path_factory), 'shapes_smoke_resources')
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, '.lock'), 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(os.path.join(root, 'ready')):
-      from configs import shapesworld
-      from zegformer_jax.data import input_pipeline
-      from zegformer_jax.training import train
-      config = shapesworld.get_config('smoke')
-      with config.unlocked():
-        config.dataset.data_dir = os.path.join(root, 'data')
-        config.clip.model_path = os.path.join(root, 'clip')
-      from zegformer_jax.projects.shapesworld import world as world
-      from zegformer_jax.modeling import clip
-      world.generate(config.dataset.data_dir, seed=config.shapesworld.seed,
-                     split=config.shapesworld.split, num_train=config.shapesworld.num_train,
-                     num_val=config.shapesworld.num_val, image_size=config.shapesworld.image_size,
-                     unseen_in_train=config.shapesworld.unseen_in_train)
-      if not os.path.exists(os.path.join(config.clip.model_path, 'config.json')):
-        seen, unseen = world.class_names(config.shapesworld.split)
-        words = sorted({w for name in seen + unseen for w in name.replace(',', ' ').split()})
-        clip.create_tiny_clip(config.clip.model_path, vocab_words=words, seed=config.seed)
-      names, _ = input_pipeline.dataset_classes(config.dataset.data_dir, 'train')
-      clip.class_text_embeddings(config, root, names, config.clip.train_prompts)
-      open(os.path.join(root, 'ready'), 'w').close()
-  return root
-
-
-def cached_run(tmp_path_factory, name: str, overrides, devices: int = 1) -> str:
-  """Workdir of a complete 1-process smoke run, made once per session (under a lock)."""
-  resources = shared_resources(tmp_path_factory)
-  workdir = os.path.join(_session_root(tmp_path_factory), 'cached_runs', name)
-  os.makedirs(os.path.dirname(workdir), exist_ok=True)
-  with open(workdir + '.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not os.path.exists(workdir + '.ready'):
-      shutil.rmtree(workdir, ignore_errors=True)
-      result = run(main_args(workdir, resources, *overrides), compile_cache(tmp_path_factory),
-                   devices=devices)
-      assert result.returncode == 0, tail(result.stdout + result.stderr)
-      open(workdir + '.ready', 'w').close()
-  return workdir
-
-
-def compile_cache(tmp_path_factory) -> str:
-  """One persistent XLA cache per xdist worker: the two workers never write it at once."""
-  worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
-  return os.path.join(_session_root(tmp_path_factory), f'jax_compilation_cache_{worker}')
 
 
 def env(cache_dir: str, devices: int = 1, **extra) -> dict:

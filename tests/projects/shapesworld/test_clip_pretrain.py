@@ -278,6 +278,7 @@ def _backbone_arrays(path):
   return flatten_dict({'params': params, 'frozen': frozen})
 
 
+@pytest.mark.slow
 def test_concurrent_pretraining_equals_the_sequential_one(smoke_clip, tmp_path, monkeypatch):
   from zegformer_jax.projects.shapesworld import backbone_pretrain as bp
   config = _concurrent_config()
@@ -346,6 +347,7 @@ def test_concurrent_pretraining_leaves_other_cases_to_the_sequential_path(
   assert not os.path.exists(tmp_path / 'e')
 
 
+@pytest.mark.slow
 def test_a_failing_child_is_reported(tmp_path):
   # ensure_mini_clip raises FileExistsError in the child (pretrain_concurrently checks for
   # such a directory itself; a child that fails for any reason is reported the same way).
@@ -358,6 +360,7 @@ def test_a_failing_child_is_reported(tmp_path):
     prepare._join_mini_clip_process(process, str(junk))
 
 
+@pytest.mark.slow
 def test_a_stopped_child_cleans_up(tmp_path):
   import glob
   import time

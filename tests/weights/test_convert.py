@@ -42,7 +42,7 @@ from zegformer_jax.weights import store
 from zegformer_jax.weights import torch_pickle
 from zegformer_jax.weights import zegformer as zegformer_keys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))  # the repository root
 REFERENCE = os.path.join(REPO, '..', 'shared', 'reference', 'data', 'derived')
 RTOL = 1e-4
 # Measured errors, collected by the parity tests (printed with -s, see _report).
@@ -1188,6 +1188,7 @@ def test_openai_clip_parity(tmp_path, clip_state, tokenizer_dir):
 # The CLI, once, in a subprocess.
 
 
+@pytest.mark.slow
 def test_cli_subprocess_d2_resnet_into_shapesworld(tmp_path):
   """configs/shapesworld.py uses BasicBlocks: a detectron2 BasicBlock pickle for it."""
   cfg = shapesworld.get_config().model

@@ -4,21 +4,26 @@ import os
 import subprocess
 import sys
 
-import train_cli
+import pytest
+
+import cli_runs
+
+pytestmark = pytest.mark.slow
 
 
-def test_demo_writes_metrics_of_both_view_sets_and_overlays(tmp_path, tmp_path_factory):
-  resources = train_cli.shared_resources(tmp_path_factory)
+def test_demo_writes_metrics_of_both_view_sets_and_overlays(tmp_path, smoke_resources,
+                                                            compile_cache):
+  resources = smoke_resources
   workdir = str(tmp_path / 'demo')
-  train_cli.main_args(workdir, resources)  # seeds the text-embedding cache
+  cli_runs.main_args(workdir, resources)  # seeds the text-embedding cache
   cmd = [sys.executable, '-m', 'zegformer_jax.projects.shapesworld.demo', '--workdir', workdir,
          '--config', 'configs/shapesworld.py:smoke', '--num_overlays', '1',
          f'--config.dataset.data_dir={resources}/data',
          f'--config.clip.model_path={resources}/clip',
          '--config.shapesworld.backbone_pretrain.steps=0']
-  result = subprocess.run(cmd, cwd=train_cli.ROOT, capture_output=True, text=True,
-                          timeout=400, env=train_cli.env(train_cli.compile_cache(tmp_path_factory)))
-  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  result = subprocess.run(cmd, cwd=cli_runs.ROOT, capture_output=True, text=True,
+                          timeout=400, env=cli_runs.env(compile_cache))
+  assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
   for v in ('seg', 'img', 'full'):
     with open(os.path.join(workdir, f'metrics_{v}.json')) as f:
       tta_metrics = json.load(f)

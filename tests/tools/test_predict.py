@@ -54,6 +54,7 @@ def test_shares_and_overlay():
   assert len({tuple(c) for c in predict.palette(30)}) == 30
 
 
+@pytest.mark.slow
 def test_eval_writes_schema(smoke_run):
   config, workdir = smoke_run
   result = evaluator.evaluate(config, workdir, variant='seg')
@@ -69,6 +70,7 @@ def test_eval_writes_schema(smoke_run):
   assert on_disk['mIoU'] == pytest.approx(result['mIoU'])
 
 
+@pytest.mark.slow
 def test_variants_in_one_pass_equal_separate_evaluations(smoke_run):
   config, workdir = smoke_run
   together = evaluator.evaluate_variants(config, workdir, ('seg', 'img', 'full'), tag='joint')
@@ -80,6 +82,7 @@ def test_variants_in_one_pass_equal_separate_evaluations(smoke_run):
   assert together['seg']['pAcc'] != together['img']['pAcc']  # the variants do differ
 
 
+@pytest.mark.slow
 def test_predict_end_to_end(smoke_run, tmp_path):
   config, workdir = smoke_run
   rng = np.random.default_rng(0)
@@ -98,8 +101,9 @@ def test_predict_end_to_end(smoke_run, tmp_path):
   assert (out / 'x_overlay.png').exists()
 
 
+@pytest.mark.slow
 def test_eval_and_predict_with_test_time_augmentation(smoke_run, tmp_path):
-  """Multi-scale + flip views run end to end (their arithmetic: test_tta.py)."""
+  """Multi-scale + flip views run end to end (their arithmetic: tests/modeling/test_tta.py)."""
   config, workdir = smoke_run
   config = config.copy_and_resolve_references()
   with config.unlocked():

@@ -1,5 +1,6 @@
 """bench_step: the synthetic batches are valid training targets, and the step runs."""
 import numpy as np
+import pytest
 
 from configs import shapesworld
 from zegformer_jax.tools import bench_step
@@ -31,6 +32,7 @@ def test_synthetic_batches_are_consistent_targets():
   assert len(counts) > 1   # the number of regions varies
 
 
+@pytest.mark.slow
 def test_measure_runs_the_train_step():
   config = shapesworld.get_config('smoke')
   result = bench_step.measure(config, num_classes=26, steps=2, warmup=1)

@@ -24,7 +24,7 @@ from zegformer_jax.modeling import transformer
 from zegformer_jax.modeling import zegformer
 
 REFERENCE_KEYS = os.path.join(
-    os.path.dirname(__file__), '..', '..', 'shared', 'reference', 'data', 'derived',
+    os.path.dirname(__file__), '..', '..', '..', 'shared', 'reference', 'data', 'derived',
     'zegformer_R50_state_dict_keys.json')
 IMAGE_HW = (64, 64)
 BATCH = 2

@@ -1,7 +1,8 @@
 """The train loop: numerics guard, bfloat16 compute, FSDP shardings, preemption handler.
 
 The end-to-end checks run `python -m zegformer_jax.main` on the ShapesWorld smoke config in
-a subprocess (tests/train_cli.py); the rest are unit tests without compilation of the model.
+a subprocess (helpers in tests/cli_runs.py, fixtures in tests/conftest.py; marked `slow`);
+the rest are unit tests without compilation of the model.
 """
 import functools
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import train_cli
+import cli_runs
 from configs import shapesworld
 from zegformer_jax.training import checkpoints
 from zegformer_jax.training import optim
@@ -21,45 +22,46 @@ from zegformer_jax.training import train
 from zegformer_jax.modeling import zegformer
 from zegformer_jax.training import state as state_lib
 
-# The same overrides as tests/test_resume.py: its uninterrupted float32 run is shared.
+# The same overrides as tests/training/test_resume.py: its uninterrupted float32 run is shared.
 STEPS = 5
 OVERRIDES = (f'--config.train.total_steps={STEPS}', '--config.train.log_every=1',
              '--config.train.checkpoint_every=1')
 BF16_FIRST_STEP_RTOL = 0.02
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_message_and_keeps_last_good_checkpoint(
-    tmp_path, tmp_path_factory):
-  resources = train_cli.shared_resources(tmp_path_factory)
+    tmp_path, smoke_resources, compile_cache):
+  resources = smoke_resources
   workdir = str(tmp_path / 'run')
   # Checkpoints at 2 and 4; NaN at step 3. The host reads step 3's metrics one step late
   # (while step 4 runs) and must still refuse to save step 4.
-  result = train_cli.run(
-      train_cli.main_args(workdir, resources, '--config.train.total_steps=4',
-                          '--config.train.log_every=1', '--config.train.checkpoint_every=2',
-                          '--config.train.debug_nan_step=3'),
-      train_cli.compile_cache(tmp_path_factory))
-  assert result.returncode == 1, train_cli.tail(result.stdout + result.stderr)
+  result = cli_runs.run(
+      cli_runs.main_args(workdir, resources, '--config.train.total_steps=4',
+                         '--config.train.log_every=1', '--config.train.checkpoint_every=2',
+                         '--config.train.debug_nan_step=3'),
+      compile_cache)
+  assert result.returncode == 1, cli_runs.tail(result.stdout + result.stderr)
   last = result.stderr.strip().splitlines()[-1]
   print(last)
   assert last.startswith('error: non-finite loss term loss_dice=nan, loss_mask=nan '
                          '(grad_norm=nan, loss=nan) at step 3;'), last
   assert 'checkpoint step 2 is the last good state' in last
   assert 'Traceback' not in result.stderr
-  assert train_cli.checkpoint_steps(workdir) == [2]
+  assert cli_runs.checkpoint_steps(workdir) == [2]
   assert not os.path.exists(os.path.join(workdir, 'train_summary.json'))
 
 
-def test_bfloat16_trains_close_to_float32(tmp_path, tmp_path_factory):
-  f32 = train_cli.losses(
-      train_cli.cached_run(tmp_path_factory, 'resume_reference', OVERRIDES))
-  resources = train_cli.shared_resources(tmp_path_factory)
+@pytest.mark.slow
+def test_bfloat16_trains_close_to_float32(tmp_path, smoke_resources, compile_cache, cached_run):
+  f32 = cli_runs.losses(cached_run('resume_reference', OVERRIDES))
+  resources = smoke_resources
   workdir = str(tmp_path / 'bf16')
-  result = train_cli.run(
-      train_cli.main_args(workdir, resources, *OVERRIDES, '--config.model.dtype=bfloat16'),
-      train_cli.compile_cache(tmp_path_factory))
-  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
-  bf16 = train_cli.losses(workdir)
+  result = cli_runs.run(
+      cli_runs.main_args(workdir, resources, *OVERRIDES, '--config.model.dtype=bfloat16'),
+      compile_cache)
+  assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
+  bf16 = cli_runs.losses(workdir)
   rel = {s: abs(bf16[s] - f32[s]) / f32[s] for s in f32}
   print('bfloat16 vs float32 losses:', {s: (bf16[s], f32[s]) for s in f32}, 'rel:', rel)
   assert all(np.isfinite(v) for v in bf16.values())
@@ -145,19 +147,21 @@ def test_checkpointer_due_and_test_pause_parsing(tmp_path, monkeypatch):
   ckpt.close()
 
 
-def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, tmp_path_factory):
+@pytest.mark.slow
+def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, smoke_resources,
+                                                                  compile_cache):
   """End to end through main: with FREEZE_AT 2 the stem and res2 never move, res3 does."""
-  resources = train_cli.shared_resources(tmp_path_factory)
+  resources = smoke_resources
   workdir = str(tmp_path / 'frozen')
-  result = train_cli.run(
-      train_cli.main_args(workdir, resources, '--config.train.total_steps=2',
-                          '--config.train.checkpoint_every=1',
-                          '--config.model.backbone.freeze_at=2',
-                          # Large enough that weight decay alone would visibly move a
-                          # frozen weight (the gradient stops, decay did not).
-                          '--config.optim.lr=0.01', '--config.optim.weight_decay=0.5'),
-      train_cli.compile_cache(tmp_path_factory))
-  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  result = cli_runs.run(
+      cli_runs.main_args(workdir, resources, '--config.train.total_steps=2',
+                         '--config.train.checkpoint_every=1',
+                         '--config.model.backbone.freeze_at=2',
+                         # Large enough that weight decay alone would visibly move a
+                         # frozen weight (the gradient stops, decay did not).
+                         '--config.optim.lr=0.01', '--config.optim.weight_decay=0.5'),
+      compile_cache)
+  assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
   config = shapesworld.get_config('smoke')
   with config.unlocked():
     config.model.backbone.freeze_at = 2

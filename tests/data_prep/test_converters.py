@@ -1,7 +1,8 @@
 """Dataset converters (data_prep/coco_stuff.py, voc.py, ade20k_full.py) and their assets.
 
 Tiny fake raw trees in each layout are converted and read back through the CRC-checking
-readers; labels are compared pixel by pixel with hand-written expectations.
+readers; labels are compared pixel by pixel with hand-written expectations. The tests that
+run a converter's CLI in a subprocess are marked `slow`.
 """
 import hashlib
 import io
@@ -24,7 +25,7 @@ from zegformer_jax.data import datasets_meta
 from zegformer_jax.data import input_pipeline
 from zegformer_jax.data import tfrecord
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))  # the repository root
 REF = os.path.join(ROOT, '..', 'shared', 'reference', 'data')
 needs_ref = pytest.mark.skipif(
     not os.path.isdir(REF), reason=f'reference data directory {os.path.normpath(REF)} is absent')
@@ -314,6 +315,7 @@ def _cli(*args):
                         timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
 
 
+@pytest.mark.slow
 def test_converter_flags(tmp_path):
   raw = make_coco_tree(str(tmp_path / 'raw'), n_train=1, n_val=1)
   out = str(tmp_path / 'out')
@@ -340,32 +342,6 @@ def test_converter_flags(tmp_path):
                                '(0..181 or 255) (pass --skip_bad to leave such files out)')
   coco_stuff.main(['--input_dir', raw, '--output_dir', out, '--workers', '0', '--skip_bad'])
   assert tfrecord.read_dataset_info(out)['skipped'][0]['file'] == 'annotations/val2017/val_0000.png'
-
-
-def test_bench_input_cli(tmp_path):
-  """bench_input: --config with overrides, --make_fake (fake tree -> coco_stuff.convert)."""
-  args = ('zegformer_jax.tools.bench_input', '--config', 'configs/coco_stuff_r50.py',
-          '--data_dir', str(tmp_path))
-  small = ('--config.input.crop_size=64', '--config.input.min_size_train=(64,)',
-           '--config.input.max_size_train=128', '--make_fake', '2', '--workers', '0',
-           '--batches', '1', '--warmup', '0', '--batch_size', '2', '--convert_workers', '0')
-  proc = _cli(*args, *small)
-  assert proc.returncode == 0, proc.stderr
-  assert 'config configs/coco_stuff_r50.py: min_size_train 64..64 (max 128), crop 64' in proc.stdout
-  assert '| 0 | ' in proc.stdout
-  info = tfrecord.read_dataset_info(str(tmp_path / 'converted'))
-  assert info['splits']['train']['num_examples'] == 2
-  proc = _cli(*args, '--config.input.crop_sise=64')
-  assert proc.returncode == 1
-  assert proc.stderr.strip().startswith(
-      "error: unknown config key 'crop_sise' (from --config.input.crop_sise=64).")
-  proc = _cli(*args, '--workers', '0,x')
-  assert proc.returncode == 1
-  assert proc.stderr.strip() == "error: --workers must be comma-separated integers, got '0,x'"
-  proc = _cli(*args[:2], 'configs/none.py', *args[3:])
-  assert proc.returncode == 1
-  assert proc.stderr.strip() == ("error: cannot load config 'configs/none.py': config file "
-                                 'configs/none.py does not exist')
 
 
 def test_bad_values_voc_and_ade(tmp_path):
@@ -404,6 +380,7 @@ def make_voc_tree(root):
   return root, split_dir
 
 
+@pytest.mark.slow
 def test_voc_labels_and_cli(tmp_path):
   raw, split_dir = make_voc_tree(str(tmp_path / 'raw'))
   out = str(tmp_path / 'out')

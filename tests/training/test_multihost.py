@@ -13,8 +13,12 @@ import json
 import os
 import shutil
 
-import train_cli
+import pytest
+
+import cli_runs
 from configs import shapesworld
+
+pytestmark = pytest.mark.slow
 
 STEPS = 3
 OVERRIDES = (f'--config.train.total_steps={STEPS}', '--config.train.log_every=1',
@@ -28,18 +32,17 @@ RUNS = {  # name: (processes, devices per process, extra overrides)
 }
 
 
-def test_processes_and_devices_do_not_change_training(tmp_path, tmp_path_factory):
+def test_processes_and_devices_do_not_change_training(tmp_path, smoke_resources, compile_cache):
   # One test (not a module fixture shared by several): pytest-xdist may send tests of one
   # module to different workers, which would repeat these runs.
-  resources = train_cli.shared_resources(tmp_path_factory)
-  cache = train_cli.compile_cache(tmp_path_factory)
+  resources, cache = smoke_resources, compile_cache
   runs = {}
   for name, (processes, devices, extra) in RUNS.items():
     workdir = str(tmp_path / name)
     mode = 'train_and_eval' if name == '2x4' else 'train'
-    result = train_cli.run(train_cli.main_args(workdir, resources, *OVERRIDES, *extra, mode=mode),
-                           cache, processes=processes, devices=devices)
-    assert result.returncode == 0, (name, train_cli.tail(result.stdout + result.stderr))
+    result = cli_runs.run(cli_runs.main_args(workdir, resources, *OVERRIDES, *extra, mode=mode),
+                          cache, processes=processes, devices=devices)
+    assert result.returncode == 0, (name, cli_runs.tail(result.stdout + result.stderr))
     runs[name] = (workdir, result)
 
   _check_equivalence(runs)
@@ -48,27 +51,27 @@ def test_processes_and_devices_do_not_change_training(tmp_path, tmp_path_factory
 
 
 def _check_equivalence(runs):
-  reference = train_cli.losses(runs['1x1'][0])
+  reference = cli_runs.losses(runs['1x1'][0])
   assert sorted(reference) == list(range(1, STEPS + 1))
-  fingerprint = train_cli.summary(runs['1x1'][0])['params_fingerprint']
+  fingerprint = cli_runs.summary(runs['1x1'][0])['params_fingerprint']
   errors = {}
   for name, (workdir, _) in runs.items():
     errors[name] = (
-        train_cli.max_rel_diff(train_cli.losses(workdir), reference),
-        train_cli.max_rel_diff(train_cli.summary(workdir)['params_fingerprint'], fingerprint))
+        cli_runs.max_rel_diff(cli_runs.losses(workdir), reference),
+        cli_runs.max_rel_diff(cli_runs.summary(workdir)['params_fingerprint'], fingerprint))
   print('max relative error vs 1x1 (losses, params fingerprint):', errors)
   for name, (loss_err, param_err) in errors.items():
     assert loss_err <= TOLERANCE and param_err <= TOLERANCE, (name, errors)
 
 
 def _check_layout(runs):
-  meshes = {name: train_cli.summary(w)['mesh'] for name, (w, _) in runs.items()}
+  meshes = {name: cli_runs.summary(w)['mesh'] for name, (w, _) in runs.items()}
   assert meshes == {'2x4': {'data': 8, 'fsdp': 1}, '1x8': {'data': 8, 'fsdp': 1},
                     '1x1': {'data': 1, 'fsdp': 1}, '1x8_fsdp4': {'data': 2, 'fsdp': 4}}
   workdir, result = runs['2x4']
-  assert train_cli.summary(workdir)['num_processes'] == 2
+  assert cli_runs.summary(workdir)['num_processes'] == 2
   # Process 0 alone logs: one console line and one JSONL record per step.
-  assert result.stdout.count(f'step 1/{STEPS}') == 1, train_cli.tail(result.stdout)
+  assert result.stdout.count(f'step 1/{STEPS}') == 1, cli_runs.tail(result.stdout)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     assert [json.loads(line)['step'] for line in f] == list(range(1, STEPS + 1))
   # Each process saved its own data-iterator state.
@@ -81,9 +84,9 @@ def _check_eval(workdir, resources, cache):
   variant = shapesworld.get_config('smoke').eval.variant  # what train_and_eval evaluated
   path = os.path.join(workdir, f'metrics_{variant}.json')
   shutil.move(path, path + '.2proc')
-  result = train_cli.run(train_cli.main_args(workdir, resources, *OVERRIDES, mode='eval'),
-                         cache, processes=1, devices=8)
-  assert result.returncode == 0, train_cli.tail(result.stdout + result.stderr)
+  result = cli_runs.run(cli_runs.main_args(workdir, resources, *OVERRIDES, mode='eval'),
+                        cache, processes=1, devices=8)
+  assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
   with open(path + '.2proc') as f:
     two = json.load(f)
   with open(path) as f:

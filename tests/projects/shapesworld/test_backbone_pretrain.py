@@ -139,6 +139,7 @@ def test_dense_augment_moves_labels_with_pixels():
   np.testing.assert_array_equal(np.asarray(la), np.arange(4))
 
 
+@pytest.mark.slow
 def test_dense_pretraining_learns_and_loads_into_zegformer(tmp_path):
   c, s = _dense_settings()
   path = str(tmp_path / 'backbone')
