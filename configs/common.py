@@ -156,6 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.data_dir = ''
   c.eval.split = ''                         # '' -> 'val_all'
   c.eval.name = ''                          # '' -> the dataset's name in its dataset_info
+  c.eval.charts = True                      # metrics_<variant>.png beside each metrics JSON
   # Test-time augmentation (detectron2 TEST.AUG; modeling/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
   c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test

@@ -1,7 +1,7 @@
 r"""PASCAL VOC 2012 zero-shot (15 seen / 5 unseen, SBD-augmented "VOCZERO") -> TFRecords.
 
   python -m data_prep.voc --input_dir RAW --output_dir OUT [--split_dir DIR] \
-      [--num_shards N] [--workers W] [--skip_bad]
+      [--background ignore|class] [--num_shards N] [--workers W] [--skip_bad]
 
 Raw layout (VOC 2012 + SBD augmentation, as in SegmentationClassAug releases):
 
@@ -27,6 +27,14 @@ without filtering by test_list. In this flat layout the val folder is every labe
 SegmentationClassAug that is not in train_list (for the standard 12,031-file release these
 are exactly the 1,449 test_list images, so all three val splits hold the same images).
 
+--background class writes PASCAL VOC 21 for cross-dataset evaluation instead (dataset
+'voc21', classes in assets/voc21_classes.json; use another OUT): the one split
+
+  val_all     all val files; background 0 -> 0, ids 1..20 -> 1..20, 255 -> 255
+
+with every seen flag false (every class is evaluated). The default, --background ignore,
+writes the four splits above (its val_all is VOC 20, background ignored).
+
 JPEGImages also holds images without annotations; those are not an error. A listed name
 without its label or image, or a label without its image, is a bad file (see --skip_bad).
 Images are stored as their original JPEG bytes; labels as 8-bit PNG with ignore 255.
@@ -44,6 +52,8 @@ from zegformer_jax import cli
 from zegformer_jax.data import datasets_meta
 
 DATASET = 'voc'
+DATASET_21 = 'voc21'  # --background class
+BACKGROUND = ('ignore', 'class')
 IGNORE_VALUE = 255
 RAW_MAX = 20
 IMAGE_DIR, LABEL_DIR = 'JPEGImages', 'SegmentationClassAug'
@@ -103,20 +113,26 @@ def plan_items(input_dir: str, lists: dict[str, list[str]]):
   return items, [(p, r, s) for (p, r), s in sorted(problems.items())]
 
 
-def spec() -> common.DatasetSpec:
+def spec(dataset: str = DATASET) -> common.DatasetSpec:
   valid = np.zeros(256, bool)
   valid[:RAW_MAX + 1] = True
   valid[IGNORE_VALUE] = True
   return common.DatasetSpec(
-      name=DATASET, reader_module='data_prep.voc', ignore_value=IGNORE_VALUE,
+      name=dataset, reader_module='data_prep.voc', ignore_value=IGNORE_VALUE,
       label_dtype='uint8', raw_valid=valid, raw_range=f'0..{RAW_MAX} or {IGNORE_VALUE}')
 
 
 def convert(input_dir: str, output_dir: str, *, split_dir: str | None = None,
-            num_shards: int | None = None, workers: int = 1, skip_bad: bool = False) -> dict:
+            num_shards: int | None = None, workers: int = 1, skip_bad: bool = False,
+            background: str = 'ignore') -> dict:
   """Converts a raw VOCZERO tree (module docstring); returns the dataset_info."""
+  if background not in BACKGROUND:
+    raise ValueError(f'background must be one of {list(BACKGROUND)}, got {background!r}')
   lists = read_lists(split_dir)
   items, problems = plan_items(input_dir, lists)
+  if background == 'class':
+    return _convert_voc21(input_dir, output_dir, split_dir, items['val_all'], problems,
+                          num_shards=num_shards, workers=workers, skip_bad=skip_bad)
   plans = []
   for split, split_items in items.items():
     names, seen, lut = common.class_lut(DATASET, split, 256)  # id 0 (background) -> ignore
@@ -131,13 +147,29 @@ def convert(input_dir: str, output_dir: str, *, split_dir: str | None = None,
                                  'zegformer_jax/assets/voc_{train,test}_list.json'})
 
 
+def _convert_voc21(input_dir, output_dir, split_dir, items, problems, **kw) -> dict:
+  """val_all with background as class 0 (PASCAL VOC 21, --background class)."""
+  names, seen, lut = common.class_lut(DATASET_21, 'val_all', 256)  # 0 -> 0, 255 -> ignore
+  return common.convert(
+      spec(DATASET_21), [common.SplitPlan('val_all', items, names, seen, lut)],
+      input_dir=input_dir, output_dir=output_dir,
+      problems=[(p, r, ['val_all']) for p, r, s in problems if 'val_all' in s],
+      extra_info={'cross_dataset': True, 'background': 'class',
+                  'image_lists': os.path.abspath(split_dir) if split_dir else
+                                 'zegformer_jax/assets/voc_{train,test}_list.json'}, **kw)
+
+
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The converter's flags: the shared ones (common.define_flags) and --split_dir."""
+  """The converter's flags: the shared ones (common.define_flags), --split_dir and
+  --background."""
   common.define_flags(flag_values, __name__)
+  kw = dict(flag_values=flag_values, module_name=common.flag_module_name(__name__))
   flags.DEFINE_string('split_dir', None,
                       'Directory with the reference train_list.npy / test_list.npy '
-                      '(default: the packaged copies).',
-                      flag_values=flag_values, module_name=common.flag_module_name(__name__))
+                      '(default: the packaged copies).', **kw)
+  flags.DEFINE_enum('background', 'ignore', list(BACKGROUND),
+                    'ignore: the zero-shot splits, background ignored (VOC 20); class: only '
+                    'val_all with background as class 0 (dataset voc21, 21 classes).', **kw)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -147,7 +179,7 @@ def main(argv: Sequence[str]) -> None:
   OUT/dataset_info.json, or what convert() returns.
   """
   a = common.parse_flags(argv, define_flags)
-  common.run(convert, a, split_dir=a.split_dir)
+  common.run(convert, a, split_dir=a.split_dir, background=a.background)
 
 
 if __name__ == '__main__':

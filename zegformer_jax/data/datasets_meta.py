@@ -10,6 +10,16 @@ files (see docs/reference.md, section 5):
   ade20k_full_classes.json  847 classes in the frequency-list order; seen = frequent + common
                             (572), unseen = rare (275)
 
+Cross-dataset evaluation sets (train on COCO-Stuff, evaluate elsewhere; every class is
+evaluated, so every entry has split 'all' and the seen flags of their splits are false):
+
+  ade150_classes.json       ADE20k-150 (objectInfo150.txt order), splits train and val_all
+  pcontext59_classes.json   PASCAL Context 59 (ids are the 459-class ids), split val_all
+  pcontext459_classes.json  PASCAL Context 459 (labels.txt order), split val_all
+  voc21_classes.json        PASCAL VOC background + 20 classes, split val_all
+
+Their assets list the splits they have ("splits"); every split is labelled in trainId order.
+
 Every class entry has: name; id (the class's value in the raw label files: stuffthingmaps
 value = COCO id - 1, VOC id, ADE (R // 10) * 256 + G); trainId (its label in val_all, i.e.
 its position in the "all" order); split ('seen' | 'unseen'); trainId_seen (label in train and
@@ -29,7 +39,7 @@ import json
 
 import numpy as np
 
-DATASETS = ('coco_stuff', 'voc', 'ade20k_full')
+DATASETS = ('coco_stuff', 'voc', 'ade20k_full', 'ade150', 'pcontext59', 'pcontext459', 'voc21')
 SPLITS = ('train', 'val_seen', 'val_unseen', 'val_all')
 _CLASS_FILES = {d: f'{d}_classes.json' for d in DATASETS}
 
@@ -65,10 +75,20 @@ def ignore_value(dataset: str) -> int:
   return int(dataset_meta(dataset)['ignore_value'])
 
 
+def dataset_splits(dataset: str) -> tuple[str, ...]:
+  """The splits of `dataset`: SPLITS, or the asset's "splits" (cross-dataset sets)."""
+  return tuple(dataset_meta(dataset).get('splits', SPLITS))
+
+
 def split_classes(dataset: str, split: str) -> list[dict]:
   """The class entries whose label ids form `split`, in label-id order."""
   cls = dataset_meta(dataset)['classes']
-  if split in ('train', 'val_seen'):
+  if 'splits' in dataset_meta(dataset):  # a cross-dataset set: every split has all classes
+    if split not in dataset_splits(dataset):
+      raise ValueError(f'unknown split {split!r} of {dataset}; known: '
+                       f'{list(dataset_splits(dataset))}')
+    key = 'trainId'
+  elif split in ('train', 'val_seen'):
     key = 'trainId_seen'
   elif split == 'val_unseen':
     key = 'trainId_unseen'

@@ -20,6 +20,7 @@ from zegformer_jax.data import datasets_meta
 from zegformer_jax.data import input_pipeline
 from zegformer_jax.data import tfrecord
 from zegformer_jax.evaluation import metrics as metrics_lib
+from zegformer_jax.evaluation import plots
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import segmenter
 from zegformer_jax.modeling import tta
@@ -87,6 +88,18 @@ def training_class_names(config) -> list:
       return []
 
 
+def _synonyms(name: str) -> set:
+  return {w.strip().lower() for w in name.split(',') if w.strip()}
+
+
+def seen_by_name(names, trained_names) -> np.ndarray:
+  """bool [K]: a class is seen when one of its synonyms ("building, edifice") names a class
+  the model was trained on (COCO-Stuff 'building-other' is not 'building': names, not
+  concepts)."""
+  trained = set().union(*(_synonyms(n) for n in trained_names)) if trained_names else set()
+  return np.asarray([bool(_synonyms(n) & trained) for n in names], bool)
+
+
 class Target:
   """What one evaluation reads: data directory, split, class names, seen mask, ignore value.
 
@@ -109,8 +122,7 @@ class Target:
                                 '(config.eval.data_dir) does not exist')
       self.split = split or config.eval.split or 'val_all'
       self.class_names, _ = input_pipeline.dataset_classes(self.data_dir, self.split)
-      trained = set(training_class_names(config))
-      self.seen_mask = np.asarray([n in trained for n in self.class_names], bool)
+      self.seen_mask = seen_by_name(self.class_names, training_class_names(config))
       info = tfrecord.read_dataset_info(self.data_dir)
       self.name = config.eval.name or info.get('name') or os.path.basename(
           os.path.normpath(self.data_dir))
@@ -231,6 +243,8 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
       path = os.path.join(workdir, name)
       metrics_lib.write_metrics_json(result, path)
       logging.info('wrote %s', path)
+      if config.eval.charts:
+        plots.metrics_chart(result, path[:-len('.json')] + '.png')
       print(f'{variant}: mIoU {_fmt(result["mIoU"])} seen {_fmt(result["mIoU_seen"])} '
             f'unseen {_fmt(result["mIoU_unseen"])} hIoU {_fmt(result["hIoU"])} '
             f'pAcc {_fmt(result["pAcc"])} -> {path}', flush=True)

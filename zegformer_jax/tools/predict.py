@@ -6,19 +6,19 @@ r"""Open-vocabulary prediction: segment any images with any list of class names.
 
 For every image it writes, under --output_dir (default <workdir>/predict):
   <stem>_labels.png   class index per pixel (8-bit, 16-bit when more than 256 classes)
-  <stem>_overlay.png  the image blended with class colours, with a legend of the classes present
+  <stem>_overlay.png  input | prediction (class colours blended over the image) [| ground
+                      truth], small images magnified, and a legend of the classes present
   <stem>.json         per-class pixel counts and shares, largest first
 The variant (seg / img / full), gamma and lambda come from config.eval. A class counts as
 "seen" (for Eq. 2 calibration and Eq. 3 fusion) when it is one of the training classes.
 """
-import colorsys
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from zegformer_jax.data import augment
 from zegformer_jax.evaluation import evaluator
@@ -79,30 +79,157 @@ def load_image(path: str) -> np.ndarray:
     raise ValueError(f'cannot decode image {path}: {e}') from None
 
 
+MIN_SHORT_SIDE = 384    # label maps are upscaled (nearest neighbour) to at least this
+MAX_LONG_SIDE = 1024    # larger images are shown scaled down to this
+OVERLAY_DPI = 100
+LEGEND_FONT = 12
+
+
 def palette(n: int) -> np.ndarray:
-  """n distinct, deterministic RGB colours (golden-ratio hue steps)."""
-  cols = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.75, 0.95) for i in range(n)]
-  return (np.asarray(cols) * 255).astype(np.uint8).reshape(n, 3)
+  """[n, 3] uint8 RGB class colours: colour i is base[i % 54]. base holds matplotlib's
+  qualitative maps without their grey hue groups (54 distinct colours), read hue by hue so
+  that neighbouring class indices get different hues: tab20's 9 dark shades, then their 9
+  light ones (indices 0-17), then for each shade of tab20b / tab20c, darkest first, the 5
+  tab20b hues followed by the 4 tab20c hues (18-26, 27-35, 36-44, 45-53). A class keeps its
+  colour across images for a fixed class list."""
+  from matplotlib import colormaps
+
+  def hue_groups(name, shades):   # [hues, shades, 3], greys left out
+    groups = np.asarray(colormaps[name].colors)[:, :3].reshape(-1, shades, 3)
+    return groups[np.ptp(groups, axis=2).max(axis=1) > 1e-6]
+
+  tab20, tab20b, tab20c = hue_groups('tab20', 2), hue_groups('tab20b', 4), hue_groups('tab20c', 4)
+  base = [tab20[:, 0], tab20[:, 1]]
+  for shade in range(4):
+    base += [tab20b[:, shade], tab20c[:, shade]]
+  base = np.round(np.concatenate(base) * 255).astype(np.uint8)
+  return base[np.arange(n) % len(base)].reshape(n, 3)
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, names: list[str], alpha=0.5) -> Image.Image:
-  """The image blended with class colours, and a legend of the classes present on the right."""
-  colours = palette(len(names))
-  blend = (image * (1 - alpha) + colours[labels] * alpha).astype(np.uint8)
-  present = [int(c) for c in np.argsort(-np.bincount(labels.ravel(), minlength=len(names)))
-             if np.any(labels == c)]
-  row = 14
-  legend_w = 12 + 7 * max([len(names[c]) for c in present] + [4]) + 8
-  h = max(image.shape[0], row * len(present) + 8)
-  canvas = Image.new('RGB', (image.shape[1] + legend_w, h), (255, 255, 255))
-  canvas.paste(Image.fromarray(blend), (0, 0))
-  draw = ImageDraw.Draw(canvas)
-  x0 = image.shape[1] + 4
-  for i, c in enumerate(present):
-    y = 4 + i * row
-    draw.rectangle([x0, y, x0 + 9, y + 9], fill=tuple(int(v) for v in colours[c]))
-    draw.text((x0 + 13, y - 1), names[c], fill=(0, 0, 0))
-  return canvas
+def blend(image: np.ndarray, labels: np.ndarray, colours: np.ndarray,
+          shade: float = 0.4) -> np.ndarray:
+  """uint8 [H, W, 3]: each pixel in its class colour, darkened by the image's luminance g
+  (0..1) as colour * (1 - shade + shade * g), so the colour keeps its hue (it matches the
+  legend; a white pixel shows the colour exactly) and the image's shapes and texture stay
+  visible; labels outside [0, len(colours)) (ignore pixels) show the grey image."""
+  grey = np.asarray(image, np.float32) @ np.asarray([0.299, 0.587, 0.114], np.float32) / 255
+  valid = (labels >= 0) & (labels < len(colours))
+  tint = colours[np.where(valid, labels, 0)].astype(np.float32)
+  out = tint * (1 - shade + shade * grey)[..., None]
+  plain = np.repeat(255 * grey[..., None], 3, axis=-1)
+  return np.clip(np.round(np.where(valid[..., None], out, plain)), 0, 255).astype(np.uint8)
+
+
+def outline(panel: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Darkens the pixels of `panel` where `labels` changes to the right or below (a 1-px
+  boundary between segments; both arrays at display resolution)."""
+  edge = np.zeros(labels.shape, bool)
+  edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+  edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+  out = panel.copy()
+  out[edge] = (out[edge] * 0.25).astype(np.uint8)
+  return out
+
+
+def display_scale(h: int, w: int) -> float:
+  """How much an h x w image is magnified on screen: an integer >= 1 bringing the short side
+  to at least MIN_SHORT_SIDE px (nearest neighbour), or < 1 for images whose long side
+  exceeds MAX_LONG_SIDE (and short side MIN_SHORT_SIDE)."""
+  if min(h, w) < MIN_SHORT_SIDE:
+    return float(int(np.ceil(MIN_SHORT_SIDE / min(h, w))))
+  if max(h, w) > MAX_LONG_SIDE:
+    return max(MIN_SHORT_SIDE / min(h, w), MAX_LONG_SIDE / max(h, w))
+  return 1.0
+
+
+def overlay_figure(image: np.ndarray, labels: np.ndarray, names: list[str],
+                   ground_truth: np.ndarray | None = None, title: str = '',
+                   shade: float = 0.4):
+  """The overlay as a matplotlib Figure (Agg canvas): panels input | prediction [| ground
+  truth], each magnified by display_scale (integer factors by pixel repetition, so every
+  panel shows the upscaled arrays 1:1), and to their right a legend of the classes present
+  in the prediction or the ground truth (largest in the prediction first; then
+  '(not labelled)' when the ground truth has ignore pixels). Colours: palette(len(names)),
+  shaded by the image's luminance (blend), with 1-px dark segment boundaries (outline).
+  fig.axes[1].images[0] holds the prediction panel's array; fig.legends[0] the legend."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from matplotlib.patches import Patch
+
+  image = np.asarray(image)
+  labels = np.asarray(labels)
+  h, w = labels.shape
+  if image.shape[:2] != (h, w):
+    raise ValueError(f'overlay: image {image.shape[:2]} and labels {(h, w)} differ in size')
+  if ground_truth is not None:
+    ground_truth = np.asarray(ground_truth)
+    if ground_truth.shape != (h, w):
+      raise ValueError(f'overlay: ground truth {ground_truth.shape} and labels {(h, w)} '
+                       'differ in size')
+  k = len(names)
+  colours = palette(k)
+  scale = display_scale(h, w)
+  rep = int(scale) if scale >= 1 else 1
+
+  def up(a):
+    return np.repeat(np.repeat(a, rep, axis=0), rep, axis=1) if rep > 1 else a
+
+  def coloured(label_map):   # blended at display resolution, segment boundaries outlined
+    return outline(up(blend(image, label_map, colours, shade)), up(label_map))
+
+  panels = [(f'input ({w}x{h} px' + (f', shown x{scale:g})' if scale != 1 else ')'), up(image)),
+            ('prediction', coloured(labels))]
+  counts = np.bincount(labels.ravel(), minlength=k)[:k]
+  present = [int(c) for c in np.argsort(-counts, kind='stable') if counts[c]]
+  unlabelled = False
+  if ground_truth is not None:
+    panels.append(('ground truth', coloured(ground_truth)))
+    gt_valid = (ground_truth >= 0) & (ground_truth < k)
+    unlabelled = bool((~gt_valid).any())
+    gt_counts = np.bincount(ground_truth[gt_valid].ravel(), minlength=k)[:k]
+    present += [int(c) for c in np.argsort(-gt_counts, kind='stable')
+                if gt_counts[c] and not counts[c]]
+
+  # Layout in pixels (dpi OVERLAY_DPI): panels side by side, titles above, legend right.
+  pw, ph = w * scale, h * scale
+  pad, title_h = 16, 34
+  top = title_h + (40 if title else 0)
+  fig_w = pad + len(panels) * (pw + pad)
+  fig_h = top + ph + pad
+  fig = Figure(figsize=(fig_w / OVERLAY_DPI, fig_h / OVERLAY_DPI), dpi=OVERLAY_DPI)
+  FigureCanvasAgg(fig)
+  for i, (name, array) in enumerate(panels):
+    ax = fig.add_axes(((pad + i * (pw + pad)) / fig_w, pad / fig_h, pw / fig_w, ph / fig_h))
+    ax.imshow(array, interpolation='nearest' if scale >= 1 else 'antialiased')
+    ax.set_title(name, fontsize=LEGEND_FONT + 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  if title:
+    fig.suptitle(title, fontsize=LEGEND_FONT + 2, y=1 - 8 / fig_h, va='top')
+
+  handles = [Patch(facecolor=colours[c] / 255, edgecolor='0.25', label=names[c])
+             for c in present]
+  if unlabelled:
+    handles.append(Patch(facecolor='white', edgecolor='0.25', hatch='//',
+                         label='(not labelled)'))
+  row_px = 1.65 * LEGEND_FONT * OVERLAY_DPI / 72   # one legend row (patch + spacing)
+  rows = max(1, int(ph // row_px) - 1)              # below the legend's title
+  fig.legend(handles=handles, loc='upper left', bbox_to_anchor=(1 - pad / 2 / fig_w,
+                                                                (pad + ph) / fig_h),
+             ncols=max(1, -(-len(handles) // rows)), fontsize=LEGEND_FONT, frameon=False,
+             borderaxespad=0, handlelength=1.6, handleheight=1.1, title='classes present',
+             title_fontsize=LEGEND_FONT, alignment='left')
+  return fig
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, names: list[str], path: str,
+            ground_truth: np.ndarray | None = None, title: str = '',
+            shade: float = 0.4) -> str:
+  """Writes the overlay figure (overlay_figure) as a PNG at path; returns path. The PNG's
+  bounding box is the figure's plus the legend (bbox_inches='tight'), panels stay 1:1."""
+  fig = overlay_figure(image, labels, names, ground_truth, title, shade)
+  fig.savefig(path, dpi=OVERLAY_DPI, bbox_inches='tight', pad_inches=0.15, format='png')
+  return path
 
 
 def shares(labels: np.ndarray, names: list[str]) -> list[dict]:
@@ -114,14 +241,19 @@ def shares(labels: np.ndarray, names: list[str]) -> list[dict]:
 
 def seen_mask_for(config, names: list[str]) -> np.ndarray:
   """True for names among the training classes (evaluator.training_class_names)."""
-  trained = set(evaluator.training_class_names(config))
-  return np.asarray([n in trained for n in names], bool)
+  return evaluator.seen_by_name(names, evaluator.training_class_names(config))
 
 
 def run(config, workdir: str, *, images: str, classes: str | None = None,
-        class_file: str | None = None, output_dir: str | None = None) -> list[dict]:
+        class_file: str | None = None, output_dir: str | None = None,
+        ground_truths: dict | None = None) -> list[dict]:
+  """Segments `images` with the class list; writes labels PNG, overlay PNG and JSON per
+  image. ground_truths: optional {image path: int label map [H, W] in the indices of the
+  class list (other values: not labelled)}; those images' overlays add a ground-truth
+  panel."""
   names = parse_classes(classes, class_file)
   paths = list_images(images)
+  ground_truths = ground_truths or {}
   output_dir = output_dir or os.path.join(workdir, 'predict')
   os.makedirs(output_dir, exist_ok=True)
   variant = config.eval.variant
@@ -154,7 +286,9 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
     stem = os.path.splitext(os.path.basename(path))[0]
     dtype = np.uint8 if len(names) <= 256 else np.uint16
     Image.fromarray(labels.astype(dtype)).save(os.path.join(output_dir, f'{stem}_labels.png'))
-    overlay(image, labels, names).save(os.path.join(output_dir, f'{stem}_overlay.png'))
+    overlay(image, labels, names, os.path.join(output_dir, f'{stem}_overlay.png'),
+            ground_truth=ground_truths.get(path),
+            title=f'{os.path.basename(path)}: ZegFormer ({variant}), {len(names)} classes')
     record = {'image': path, 'variant': variant, 'classes': shares(labels, names)}
     with open(os.path.join(output_dir, f'{stem}.json'), 'w') as f:
       json.dump(record, f, indent=2)

@@ -70,7 +70,8 @@ def main(argv):
 
 
 def write_overlays(config, workdir, n):
-  """Prediction overlays (all classes, config.eval.variant) of the first n val images."""
+  """Prediction overlays (all classes, config.eval.variant) of the first n val images:
+  input | prediction | ground truth (the record's label, in the eval split's class list)."""
   if n <= 0:
     return []
   from PIL import Image
@@ -82,16 +83,19 @@ def write_overlays(config, workdir, n):
   names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.eval_split)
   inputs = os.path.join(workdir, 'predict_inputs')
   os.makedirs(inputs, exist_ok=True)
-  paths = []
+  paths, ground_truths = [], {}
   for i in range(min(n, len(source))):
+    record = source[i]
     path = os.path.join(inputs, f'val_{i:03d}.png')
-    Image.fromarray(source[i]['image']).save(path)
+    Image.fromarray(record['image']).save(path)
     paths.append(path)
+    ground_truths[path] = record['label']
   class_file = os.path.join(workdir, 'predict_inputs', 'classes.txt')
   with open(class_file, 'w') as f:
     f.write('\n'.join(names) + '\n')
   out = os.path.join(workdir, 'predict')
-  predict.run(config, workdir, images=','.join(paths), class_file=class_file, output_dir=out)
+  predict.run(config, workdir, images=','.join(paths), class_file=class_file, output_dir=out,
+              ground_truths=ground_truths)
   return [os.path.join(out, os.path.splitext(os.path.basename(p))[0] + '_overlay.png')
           for p in paths]
 
