@@ -157,6 +157,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.split = ''                         # '' -> 'val_all'
   c.eval.name = ''                          # '' -> the dataset's name in its dataset_info
   c.eval.charts = True                      # metrics_<variant>.png beside each metrics JSON
+  # Diagnostics, off by default. Boundary F / P / R of the predicted partition (class-agnostic,
+  # matched within tolerance x image diagonal; evaluation/boundary.py), and the two oracles
+  # (ground-truth classes on predicted segments: grouping quality alone; predicted classes on
+  # ground-truth segments: classification quality alone; evaluation/oracles.py).
+  c.eval.boundary = False
+  c.eval.boundary_tolerance = 0.0075
+  c.eval.boundary_ignore = 'exclude'        # 'exclude' unlabelled regions | 'nearest' (void bands)
+  c.eval.oracles = False
   # Test-time augmentation (detectron2 TEST.AUG; modeling/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
   c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test

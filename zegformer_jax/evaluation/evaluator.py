@@ -19,7 +19,9 @@ import numpy as np
 from zegformer_jax.data import datasets_meta
 from zegformer_jax.data import input_pipeline
 from zegformer_jax.data import tfrecord
+from zegformer_jax.evaluation import boundary
 from zegformer_jax.evaluation import metrics as metrics_lib
+from zegformer_jax.evaluation import oracles
 from zegformer_jax.evaluation import plots
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import segmenter
@@ -38,20 +40,58 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
   reduction. Label pixels beyond each label's own size hold the ignore value, so they never
   count. `ignore_value` defaults to config.dataset.ignore_value.
   """
+  oracles_on, boundary_on = bool(config.eval.oracles), bool(config.eval.boundary)
   scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model,
-                                    view_shapes)
+                                    view_shapes, with_masks=oracles_on)
   ignore = config.dataset.ignore_value if ignore_value is None else ignore_value
 
   def step(acc, params, frozen, batch, *args):
     confs, count = acc
-    new = {}
-    for v, sem_seg in scores(params, frozen, batch, *args).items():
-      pred = jnp.argmax(sem_seg, axis=1).astype(jnp.int32)
-      new[v] = confs[v] + metrics_lib.confusion_matrix(pred, batch['label'], num_classes,
-                                                       ignore, batch['example_valid'])
-    return new, count + jnp.sum(batch['example_valid'].astype(jnp.int32))
+    new, preds = {}, {}
+    out = scores(params, frozen, batch, *args)
+    valid = batch['example_valid']
+    for v in variants:
+      preds[v] = jnp.argmax(out[v], axis=1).astype(jnp.int32)
+      new[v] = confs[v] + metrics_lib.confusion_matrix(preds[v], batch['label'], num_classes,
+                                                       ignore, valid)
+      if oracles_on:   # predicted classes on ground-truth segments
+        key = f'{ORACLE_CLASSIFICATION}_{v}'
+        new[key] = confs[key] + oracles.classification_oracle_confusion(
+            out[v], batch['label'], num_classes, ignore, valid)
+    if oracles_on:     # ground-truth classes on predicted segments (no variant involved)
+      new[ORACLE_GROUPING] = confs[ORACLE_GROUPING] + oracles.grouping_oracle_confusion(
+          out['masks'], batch['label'], num_classes, ignore, valid)
+    acc = (new, count + jnp.sum(valid.astype(jnp.int32)))
+    return (acc, preds) if boundary_on else acc
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+ORACLE_GROUPING = 'oracle_grouping'
+ORACLE_CLASSIFICATION = 'oracle_classification'
+
+
+def confusion_keys(config, variants) -> list:
+  """The confusion matrices an evaluation accumulates: one per variant, plus the oracles'."""
+  keys = list(variants)
+  if config.eval.oracles:
+    keys += [f'{ORACLE_CLASSIFICATION}_{v}' for v in variants] + [ORACLE_GROUPING]
+  return keys
+
+
+def _add_boundaries(accumulators, preds, batch):
+  """Host side of eval.boundary: each valid image's prediction against its label."""
+  preds = jax.device_get(preds)
+  for i in np.flatnonzero(batch['example_valid']):
+    h, w = (int(x) for x in batch['label_hw'][i])
+    for v, acc in accumulators.items():
+      acc.add(np.asarray(preds[v][i, :h, :w]), np.asarray(batch['label'][i, :h, :w]))
+
+
+def _oracle_metrics(conf, class_names, seen_mask) -> dict:
+  m = metrics_lib.compute_metrics(np.asarray(conf), class_names, seen_mask, dataset='',
+                                 variant='', num_images=0)
+  return {k: m[k] for k in ('mIoU', 'mIoU_seen', 'mIoU_unseen', 'hIoU', 'pAcc')}
 
 
 def load_trained_state(config, workdir):
@@ -124,7 +164,7 @@ class Target:
       self.class_names, _ = input_pipeline.dataset_classes(self.data_dir, self.split)
       self.seen_mask = seen_by_name(self.class_names, training_class_names(config))
       info = tfrecord.read_dataset_info(self.data_dir)
-      self.name = config.eval.name or info.get('name') or os.path.basename(
+      self.name = config.eval.name or info.get('dataset') or os.path.basename(
           os.path.normpath(self.data_dir))
     else:
       self.data_dir = input_pipeline.data_dir(config)
@@ -200,6 +240,14 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
     view_shapes = tta.padded_view_shapes(
         config.eval, config.input, input_pipeline.split_image_shapes(data_dir, split))
 
+  boundaries = None
+  if config.eval.boundary:
+    if jax.process_count() > 1:
+      raise ValueError('config.eval.boundary is computed on the host of a single-process job')
+    boundaries = {v: boundary.BoundaryAccumulator(
+        target.ignore_value, tolerance=config.eval.boundary_tolerance,
+        ignore_mode=config.eval.boundary_ignore) for v in variants}
+
   t0 = time.time()
   acc = None
   step_fn = None
@@ -214,9 +262,13 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
                                tuple(batch['label'].shape[1:3]), clip_model, view_shapes,
                                ignore_value=target.ignore_value)
       zeros = np.zeros((num_classes + 1, num_classes + 1), np.int32)
-      acc = sharding.replicate(({v: zeros for v in variants}, np.zeros((), np.int32)), mesh)
+      acc = sharding.replicate(({k: zeros for k in confusion_keys(config, variants)},
+                                np.zeros((), np.int32)), mesh)
     acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
                   clip_params, clip_text)
+    if boundaries is not None:
+      acc, preds = acc
+      _add_boundaries(boundaries, preds, batch)
     if config.eval.max_images and int(acc[1]) >= config.eval.max_images:
       break
   if acc is None:
@@ -231,6 +283,15 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
         dataset=target.name, variant=variant, num_images=int(num_images))
     result['split'] = split
     result['setting'] = setting
+    if boundaries is not None:   # class-agnostic, on the predicted partition
+      result['boundary'] = dict(boundaries[variant].result(),
+                                tolerance=config.eval.boundary_tolerance,
+                                ignore_mode=config.eval.boundary_ignore)
+    if config.eval.oracles:
+      result['oracles'] = {
+          'grouping': _oracle_metrics(confs[ORACLE_GROUPING], class_names, seen_mask),
+          'classification': _oracle_metrics(confs[f'{ORACLE_CLASSIFICATION}_{variant}'],
+                                            class_names, seen_mask)}
     if target.cross_dataset:
       result['eval_data_dir'] = data_dir
       result['trained_on'] = config.dataset.name

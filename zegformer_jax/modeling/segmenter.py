@@ -97,7 +97,7 @@ def make_segment_fn(config, model, variant, label_hw_static, clip_model=None,
 
 
 def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
-                   view_shapes=None):
+                   view_shapes=None, with_masks=False):
   """fn(params, frozen, batch, text, seen, clip_params, clip_text) -> {variant: [B, K, Hl, Wl]}.
 
   Calibrated (Eq. 2) per-pixel class scores at (padded) label resolution of each of
@@ -110,6 +110,9 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   SemanticSegmentorWithTTA); view_shapes is then `tta.padded_view_shapes` of the original
   image sizes this fn will see, and the batch also holds 'view_hw' [B, S, 2]
   (`tta.view_sizes`).
+
+  with_masks adds 'masks': the final layer's mask logits [B, Q, Hl, Wl] at label resolution
+  (averaged over the views like the scores), for the grouping oracle.
   """
   variants = check_variants(variants)
   mean, std = config.model.pixel_mean, config.model.pixel_std
@@ -139,6 +142,9 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
       sem_seg = inference.postprocess(sem_seg, batch['image_hw'], batch['label_hw'],
                                       label_hw_static)
       out[v] = inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)      # Eq. 2
+    if with_masks:
+      out['masks'] = inference.postprocess(mask_logits, batch['image_hw'], batch['label_hw'],
+                                           label_hw_static)
     return out
 
   if not tta.enabled(eval_cfg, config.input):
@@ -153,7 +159,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
                      f'the static shape of every view size; got {view_shapes}')
 
   def scores_tta(params, frozen, batch, *args):
-    total = {v: 0.0 for v in variants}
+    total = {}
     for i, size in enumerate(tta.distinct_sizes(eval_cfg, config.input)):
       if (size, max_size) == plain:  # the batch is this view: no second resampling
         image, image_hw = batch['image'], batch['image_hw']
@@ -168,7 +174,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
         for v, sem_seg in scores(params, frozen, view, *args).items():
           if flip:
             sem_seg = tta.flip_valid(sem_seg, batch['label_hw'][:, 1], axis=3)
-          total[v] = total[v] + sem_seg
+          total[v] = total.get(v, 0.0) + sem_seg
     return {v: t / len(views) for v, t in total.items()}
 
   return scores_tta
