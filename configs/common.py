@@ -165,6 +165,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.boundary_tolerance = 0.0075
   c.eval.boundary_ignore = 'exclude'        # 'exclude' unlabelled regions | 'nearest' (void bands)
   c.eval.oracles = False
+  # Sliding-window inference for large images (mmsegmentation's slide mode): windows of
+  # window_size (0: input.crop_size) every window_stride (0: 2/3 of the window) pixels over
+  # the resized image, scores averaged where they overlap. Off in every official config.
+  c.eval.sliding_window = False
+  c.eval.window_size = 0
+  c.eval.window_stride = 0
   # Test-time augmentation (detectron2 TEST.AUG; modeling/tta.py), off as in every
   # official config: () and False = the single test view at input.min_size_test.
   c.eval.aug_min_sizes = ()                 # TEST.AUG.MIN_SIZES, e.g. (512, 768); 0: min_size_test

@@ -15,6 +15,7 @@ augmentation (`tta`) the scores of every view are averaged.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import inference
@@ -118,8 +119,10 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
 
-  def scores(params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
-    images = preprocess.normalize(batch['image'], mean, std, batch['image_hw'])
+  def forward(params, frozen, image, image_hw, text_embeddings, seen_mask, clip_params,
+              clip_text):
+    """{variant: [B, K, H, W] (Eq. 1 / 3, before Eq. 2)} at the (padded) size of `image`."""
+    images = preprocess.normalize(image, mean, std, image_hw)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=False)
     pred_logits = outputs['pred_logits'][-1]
@@ -129,22 +132,33 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
     clip_inputs = None
     if any(v != 'seg' for v in variants):
       clip_inputs = dict(
-          image=preprocess.normalize(batch['image'], clip.CLIP_PIXEL_MEAN,
-                                     clip.CLIP_PIXEL_STD, batch['image_hw']),
+          image=preprocess.normalize(image, clip.CLIP_PIXEL_MEAN, clip.CLIP_PIXEL_STD,
+                                     image_hw),
           embed=lambda x: clip.image_embeddings(clip_model, x, params=clip_params),
           text=clip_text, scale=clip.clip_logit_scale(clip_params),
           size=clip_model.config.vision_config.image_size)
     probs = variant_probabilities(variants, pred_logits, mask_logits, clip_inputs, eval_cfg,
                                   seen_mask)
-    out = {}
-    for v in variants:
-      sem_seg = inference.semantic_inference(probs[v], mask_logits)         # [B, K, Hp, Wp]
-      sem_seg = inference.postprocess(sem_seg, batch['image_hw'], batch['label_hw'],
-                                      label_hw_static)
-      out[v] = inference.calibrate(sem_seg, seen_mask, eval_cfg.gamma)      # Eq. 2
+    out = {v: inference.semantic_inference(probs[v], mask_logits) for v in variants}
     if with_masks:
-      out['masks'] = inference.postprocess(mask_logits, batch['image_hw'], batch['label_hw'],
-                                           label_hw_static)
+      out['masks'] = mask_logits
+    return out
+
+  windows = sliding_windows(config) if eval_cfg.sliding_window else None
+  if windows is not None and with_masks:
+    raise ValueError('config.eval.oracles needs whole-image masks; it does not combine with '
+                     'config.eval.sliding_window')
+
+  def scores(params, frozen, batch, text_embeddings, seen_mask, clip_params, clip_text):
+    args = (text_embeddings, seen_mask, clip_params, clip_text)
+    if windows is None:
+      out = forward(params, frozen, batch['image'], batch['image_hw'], *args)
+    else:
+      out = slide(forward, windows, params, frozen, batch['image'], batch['image_hw'], *args)
+    for k, x in out.items():
+      out[k] = inference.postprocess(x, batch['image_hw'], batch['label_hw'], label_hw_static)
+      if k != 'masks':
+        out[k] = inference.calibrate(out[k], seen_mask, eval_cfg.gamma)   # Eq. 2
     return out
 
   if not tta.enabled(eval_cfg, config.input):
@@ -188,3 +202,43 @@ def image_branch(config, workdir, class_names, variants):
   clip_text = clip.class_text_embeddings(config, workdir, class_names,
                                          config.clip.image_prompts)
   return clip_model, clip_model.params, clip_text
+
+
+def sliding_windows(config):
+  """(window, stride) of config.eval's sliding-window inference, validated."""
+  window = int(config.eval.window_size or config.input.crop_size)
+  stride = int(config.eval.window_stride or max(1, (2 * window) // 3))
+  if window <= 0 or not 0 < stride <= window:
+    raise ValueError(f'sliding window {window} with stride {stride}: need 0 < stride <= window')
+  return window, stride
+
+
+def window_offsets(size: int, window: int, stride: int) -> list:
+  """Start offsets of windows covering [0, size): every `stride`, the last flush with the end
+  (mmsegmentation's slide inference); one window at 0 when the image is not larger."""
+  if size <= window:
+    return [0]
+  n = -(-(size - window) // stride) + 1
+  return sorted({min(i * stride, size - window) for i in range(n)})
+
+
+def slide(forward, windows, params, frozen, image, image_hw, *args) -> dict:
+  """forward() on overlapping windows of `image`, scores averaged where windows overlap.
+
+  image: [B, H, W, 3] (static H, W); each window is a static crop [h, w] = min(window, H/W),
+  its valid size the part of image_hw inside it; windows lying in the padding only add
+  scores where the caller crops them away (postprocess keeps [:ih, :iw]).
+  """
+  window, stride = windows
+  _, h, w, _ = image.shape
+  wh, ww = min(window, h), min(window, w)
+  total, count = {}, np.zeros((h, w), np.float32)
+  for y in window_offsets(h, wh, stride):
+    for x in window_offsets(w, ww, stride):
+      crop = image[:, y:y + wh, x:x + ww]
+      crop_hw = jnp.clip(image_hw - jnp.asarray([y, x]), 0, jnp.asarray([wh, ww]))
+      for k, v in forward(params, frozen, crop, crop_hw, *args).items():
+        pad = ((0, 0), (0, 0), (y, h - y - wh), (x, w - x - ww))
+        total[k] = total.get(k, 0.0) + jnp.pad(v, pad)
+      count[y:y + wh, x:x + ww] += 1
+  return {k: v / jnp.asarray(count) for k, v in total.items()}
