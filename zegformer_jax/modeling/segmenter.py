@@ -144,7 +144,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
       out['masks'] = mask_logits
     return out
 
-  windows = sliding_windows(config) if eval_cfg.sliding_window else None
+  windows = sliding_windows(config) if eval_cfg.get('sliding_window', False) else None
   if windows is not None and with_masks:
     raise ValueError('config.eval.oracles needs whole-image masks; it does not combine with '
                      'config.eval.sliding_window')
