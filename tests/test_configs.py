@@ -82,3 +82,27 @@ def test_cli_wrong_type_is_one_line_error():
   r = _main('--config', 'configs/voc_r50.py', '--config.optim.lr=abc', '--mode', 'summary')
   assert r.returncode != 0
   assert '--config.optim.lr=abc' in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('spec,line', [
+    ('nope.py', "error: cannot load config 'nope.py': config file nope.py does not exist"),
+    ('configs/common.py', "error: cannot load config 'configs/common.py': config file "
+                          'configs/common.py has no get_config(arg) function'),
+    ('configs/shapesworld.py:bad', "error: cannot load config 'configs/shapesworld.py:bad': "
+                                   'shapesworld config argument must be "smoke" or empty; '
+                                   "got 'bad'")])
+def test_cli_config_file_errors_are_one_line(spec, line):
+  r = _main('--config', spec, '--mode', 'summary')
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == line
+  assert 'Traceback' not in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_eval_without_checkpoint_stops_before_the_project_prepares(tmp_path):
+  r = _main('--config', 'configs/shapesworld.py', '--workdir', str(tmp_path), '--mode', 'eval')
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      f'error: no checkpoint in {tmp_path}/checkpoints: train first (--mode train) or set '
+      '--config.train.init_from')
+  assert os.listdir(tmp_path) == []   # no world generated, no CLIP pretrained

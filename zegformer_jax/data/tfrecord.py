@@ -567,12 +567,20 @@ def read_dataset_info(data_dir: str | os.PathLike) -> dict:
   return info
 
 
+class SplitNotFoundError(KeyError, ValueError):
+  """A split name the dataset does not have (a user error: one line from the CLI)."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else ''
+
+
 def split_info(info: dict, split: str, data_dir: str = '') -> dict:
   """The entry of `split` with 'ignore_value' filled in; a clear error if it is absent."""
   splits = info['splits']
   if split not in splits:
-    raise KeyError(f'split {split!r} not in {os.path.join(data_dir, DATASET_INFO_FILE)}; '
-                   f'available: {sorted(splits)}')
+    raise SplitNotFoundError(f'split {split!r} not in '
+                             f'{os.path.join(data_dir, DATASET_INFO_FILE)}; '
+                             f'available: {sorted(splits)}')
   s = dict(splits[split])
   s.setdefault('ignore_value', info['ignore_value'])
   return s

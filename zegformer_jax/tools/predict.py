@@ -12,6 +12,7 @@ For every image it writes, under --output_dir (default <workdir>/predict):
 The variant (seg / img / full), gamma and lambda come from config.eval. A class counts as
 "seen" (for Eq. 2 calibration and Eq. 3 fusion) when it is one of the training classes.
 """
+import collections
 import json
 import os
 
@@ -244,6 +245,31 @@ def seen_mask_for(config, names: list[str]) -> np.ndarray:
   return evaluator.seen_by_name(names, evaluator.training_class_names(config))
 
 
+def output_stems(paths: list[str]) -> dict:
+  """{path: stem of its outputs}: the file name without extension, unless two inputs share
+  it (a.png and a.jpg, or photos/a.png and more/a.png), which then keep their extension, and
+  their folder too when that is not enough, so no output overwrites another."""
+  def base(p, with_ext):
+    name = os.path.basename(p)
+    return name.replace('.', '_') if with_ext else os.path.splitext(name)[0]
+  stems = {p: base(p, False) for p in paths}
+  for with_ext, with_dir in ((True, False), (True, True)):
+    taken = collections.Counter(stems.values())
+    for p in paths:
+      if taken[stems[p]] > 1:
+        stem = base(p, with_ext)
+        if with_dir:
+          folder = os.path.basename(os.path.dirname(os.path.abspath(p)))
+          stem = f'{folder}_{stem}'
+        stems[p] = stem
+  clashes = collections.Counter(stems.values())
+  if any(n > 1 for n in clashes.values()):
+    same = sorted(p for p in paths if clashes[stems[p]] > 1)
+    raise ValueError('input images with the same name in folders of the same name: '
+                     + ', '.join(same))
+  return stems
+
+
 def run(config, workdir: str, *, images: str, classes: str | None = None,
         class_file: str | None = None, output_dir: str | None = None,
         ground_truths: dict | None = None) -> list[dict]:
@@ -253,6 +279,7 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
   panel."""
   names = parse_classes(classes, class_file)
   paths = list_images(images)
+  stems = output_stems(paths)
   ground_truths = ground_truths or {}
   output_dir = output_dir or os.path.join(workdir, 'predict')
   os.makedirs(output_dir, exist_ok=True)
@@ -283,7 +310,7 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
                                                        clip_model, view_shapes))
     labels = np.asarray(compiled[key](state['params'], state['frozen'], batch, text, seen,
                                       clip_params, clip_text))[0]
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = stems[path]
     dtype = np.uint8 if len(names) <= 256 else np.uint16
     Image.fromarray(labels.astype(dtype)).save(os.path.join(output_dir, f'{stem}_labels.png'))
     overlay(image, labels, names, os.path.join(output_dir, f'{stem}_overlay.png'),

@@ -93,16 +93,19 @@ def has_checkpoint(workdir: str) -> bool:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 
-  def __init__(self, workdir: str, keep: int, every: int):
+  def __init__(self, workdir: str, keep: int, every: int, read_only: bool = False):
+    """read_only: for evaluation and prediction, which may run beside the training job
+    that owns the directory: nothing is created, cleaned up or deleted."""
     self.directory = os.path.abspath(os.path.join(workdir, SUBDIR))
     self.every = every
     self._data_handler = _DataHandler()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False,
-            # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; drop it.
-            cleanup_tmp_directories=True),
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=False,
+            # A save killed half-way leaves `<step>.orbax-checkpoint-tmp`; the writer drops
+            # it. A reader must not: the training job may be writing that step right now.
+            cleanup_tmp_directories=not read_only, read_only=read_only),
         # Handlers named up front so metadata can be read before any save in this process.
         item_handlers={'state': _state_handler(), 'data': self._data_handler})
 

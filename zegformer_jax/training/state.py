@@ -4,6 +4,7 @@ Training, evaluation, prediction and the benchmarks all build the state here, so
 them restores exactly what training saved.
 """
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -63,18 +64,20 @@ def load_latest_state(config, workdir: str, num_classes: int):
   mesh = sharding.mesh_from_config(config)
   model = zegformer.build_model(config.model)
   optimizer_fn = make_optimizer_fn(config, config.train.total_steps)
-  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
-                                  config.train.checkpoint_every)
-  step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
+  if not checkpoints.has_checkpoint(workdir):
     if config.train.init_from:
       state, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
                                     jax.random.key(config.seed))
       return model, init_from(config.train.init_from, state)
     raise FileNotFoundError(
-        f'no checkpoint in {ckpt.directory}: train first (--mode train) or set '
-        '--config.train.init_from')
+        f'no checkpoint in {os.path.abspath(os.path.join(workdir, checkpoints.SUBDIR))}: '
+        'train first (--mode train) or set --config.train.init_from')
+  ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
+                                  config.train.checkpoint_every, read_only=True)
+  step = ckpt.latest_step()
+  if step is None:
+    ckpt.close()
+    raise FileNotFoundError(f'no finished checkpoint in {ckpt.directory}')
   abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
                                    jax.random.key(config.seed), abstract_only=True)
   state = ckpt.restore(step, abstract)

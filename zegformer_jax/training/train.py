@@ -22,6 +22,7 @@ runs; before any checkpoint the current step's metrics are checked first.
 """
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -113,6 +114,7 @@ def train(config, workdir: str, evaluators=()) -> dict:
 
 
 def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tuple) -> dict:
+  check_train_config(config)
   mesh = sharding.mesh_from_config(config)
   sharding.local_batch_size(config.input.global_batch_size, mesh)  # validates divisibility
   data_dir = input_pipeline.data_dir(config)
@@ -190,7 +192,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
         logging.warning('preempted: saved step %d in %s; rerun to resume', step, ckpt.directory)
         if jax.process_index() == 0:
           print(f'preempted at step {step}: checkpoint saved in {ckpt.directory}; rerun the '
-                'same command to resume', flush=True)
+              f'same command to resume ({preemption.signalled or "preemption sync point"})',
+              flush=True)
         break
       for evaluator in due:
         evaluator.run(state, step)
@@ -253,40 +256,60 @@ def check_finite(step: int, metrics: dict, last_good_step=None):
 
 
 class PreemptionWatch:
-  """SIGTERM (and, on multi-host jobs, JAX's preemption sync point) ends training cleanly.
+  """SIGTERM, Ctrl-C (and, on multi-host jobs, JAX's preemption sync point) end training
+  cleanly: the current step finishes, a checkpoint is saved, nothing is lost.
 
-  On one process a SIGTERM handler sets a flag. With several processes all of them must
-  stop at the same step, which `multihost_utils.reached_preemption_sync_point` agrees on
-  (the coordination service turns SIGTERM / TPU maintenance notices into that point).
+  On one process a handler of SIGTERM and SIGINT sets a flag; a second Ctrl-C while the
+  first is being honoured raises KeyboardInterrupt as usual (a user who insists). With
+  several processes all of them must stop at the same step, which
+  `multihost_utils.reached_preemption_sync_point` agrees on (the coordination service turns
+  SIGTERM / TPU maintenance notices into that point; launch/ forwards Ctrl-C as SIGTERM).
   """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.multihost = jax.process_count() > 1
-    self.signalled = False
-    self._previous = None
+    self.signalled = None   # the first signal's name
+    self._previous = {}
     if not self.multihost:
       try:
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        for sig in self.SIGNALS:
+          self._previous[sig] = signal.signal(sig, self._handler)
       except ValueError:  # not the main thread (e.g. inside a test runner thread)
         pass
 
   def _handler(self, signum, frame):
-    del signum, frame
+    del frame
+    name = signal.Signals(signum).name
+    if self.signalled and signum == signal.SIGINT:
+      raise KeyboardInterrupt   # Ctrl-C twice: stop now, without the checkpoint
     if not self.signalled:
-      logging.warning('SIGTERM: stopping after this step with a checkpoint')
-    self.signalled = True
+      logging.warning('%s: stopping after this step with a checkpoint%s', name,
+                      ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else '')
+      self.signalled = name
 
   def should_stop(self, step: int) -> bool:
     if self.multihost:
       from jax.experimental import multihost_utils
       return bool(multihost_utils.reached_preemption_sync_point(step))
-    return self.signalled
+    return bool(self.signalled)
 
   def close(self):
-    """Puts back the previous SIGTERM handler (train() may run inside a longer process)."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    """Puts back the previous handlers (train() may run inside a longer process)."""
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
+
+
+def check_train_config(config) -> None:
+  """Refuses, before anything runs, training settings that cannot give a useful run."""
+  steps = config.train.total_steps
+  if steps < 1:
+    raise ValueError(f'config.train.total_steps must be >= 1, got {steps}')
+  lr = float(config.optim.lr)
+  if not math.isfinite(lr) or lr < 0:
+    raise ValueError(f'config.optim.lr must be a finite number >= 0, got {config.optim.lr}')
 
 
 def _write_json(path: str, obj):
