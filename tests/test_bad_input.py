@@ -25,7 +25,6 @@ from zegformer_jax.training import optim
 from zegformer_jax.tools import predict
 from zegformer_jax.training import sharding
 from zegformer_jax.data import tfrecord
-from zegformer_jax.training import train
 from zegformer_jax.modeling import zegformer
 from zegformer_jax.training import state as state_lib
 

@@ -21,16 +21,24 @@ from ml_collections import config_flags
 flags.DEFINE_bool('debug', False, 'Show the traceback of errors (also ZEGFORMER_DEBUG=1).')
 
 # Errors with a message meant for the user: FileNotFoundError (missing data, CLIP, checkpoint,
-# images), ValueError and its subclasses (corrupt records or images, label values, checkpoint
-# mismatches, invalid config values, refused pickles), FloatingPointError (a non-finite loss).
-# Anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError)
+# images), FileExistsError (an output directory that holds something else), ValueError and
+# its subclasses (corrupt records or images, label values, checkpoint mismatches, invalid
+# config values, refused pickles), FloatingPointError (a non-finite loss). Anything else is
+# a bug and keeps its traceback.
+EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
+                   FloatingPointError)
 
 
 def define_config_flag(default: Optional[str] = None, name: str = 'config'):
   """`--config file.py[:arg]` with `--config.a.b=value` overrides, locked (unknown keys fail)."""
   return config_flags.DEFINE_config_file(
       name, default, 'Experiment config (file.py or file.py:arg).', lock_config=True)
+
+
+def bundled_config(name: str) -> str:
+  """Path of configs/<name> of this checkout (the default --config of the ShapesWorld tools)."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+                      name)
 
 
 def load_config(spec: str):
@@ -46,14 +54,27 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def _debug_env() -> bool:
+  return os.environ.get('ZEGFORMER_DEBUG', '') not in ('', '0')
+
+
 def debug_requested() -> bool:
-  debug = flags.FLAGS['debug'].value if flags.FLAGS.is_parsed() else False
-  return debug or os.environ.get('ZEGFORMER_DEBUG', '') not in ('', '0')
+  return (flags.FLAGS.is_parsed() and flags.FLAGS['debug'].value) or _debug_env()
+
+
+def debug_requested_in(argv) -> bool:
+  """debug_requested before the flags are parsed."""
+  return '--debug' in argv or _debug_env()
+
+
+def one_line(e: BaseException) -> str:
+  """The exception's message with its whitespace (newlines included) collapsed."""
+  return ' '.join(str(e).split()) or type(e).__name__
 
 
 def error_line(e: BaseException) -> str:
   """`error: <message>` on one line (plus the process, on multi-process jobs)."""
-  message = ' '.join(str(e).split()) or type(e).__name__
+  message = one_line(e)
   jax = sys.modules.get('jax')  # only when the program has started JAX
   if jax is not None and jax.process_count() > 1:
     message += f' (process {jax.process_index()} of {jax.process_count()})'
@@ -96,11 +117,7 @@ def _check_config_file(argv) -> None:
   try:
     load_config(spec)
   except Exception as e:  # pylint: disable=broad-except  (anything a config file raises)
-    sys.exit(f"error: cannot load config {spec!r}: {' '.join(str(e).split()) or type(e).__name__}")
-
-
-def debug_requested_in(argv) -> bool:
-  return '--debug' in argv or os.environ.get('ZEGFORMER_DEBUG', '') not in ('', '0')
+    sys.exit(f'error: cannot load config {spec!r}: {one_line(e)}')
 
 
 def parse_flags(argv):

@@ -87,9 +87,7 @@ def main(argv):
   if not training and not config.train.init_from:
     from zegformer_jax.training import checkpoints
     if not checkpoints.has_checkpoint(workdir):   # before a project prepares anything
-      raise FileNotFoundError(
-          f'no checkpoint in {os.path.join(os.path.abspath(workdir), checkpoints.SUBDIR)}: '
-          'train first (--mode train) or set --config.train.init_from')
+      raise checkpoints.no_checkpoint_error(workdir)
   config = prepare_project(config, workdir, for_training=training)
   if training and jax.process_index() == 0:   # readers (eval, predict) leave the run's own
     with open(os.path.join(workdir, 'config.json'), 'w') as f:

@@ -5,7 +5,6 @@ import ml_collections
 import numpy as np
 import pytest
 
-from zegformer_jax.evaluation import evaluator
 from zegformer_jax.modeling import inference
 from zegformer_jax.modeling import segmenter
 

@@ -6,7 +6,6 @@ import pytest
 from PIL import Image
 
 from zegformer_jax.data import augment
-from zegformer_jax.evaluation import evaluator
 from zegformer_jax.modeling import inference
 from zegformer_jax.modeling import tta
 from zegformer_jax.modeling import segmenter

@@ -152,7 +152,8 @@ class Target:
 
   def __init__(self, config, split=None, setting='gzs3'):
     self.setting = setting
-    if config.eval.data_dir:
+    self.cross_dataset = bool(config.eval.data_dir)
+    if self.cross_dataset:
       if setting != 'gzs3':
         raise ValueError('config.eval.data_dir (cross-dataset evaluation) takes '
                          f'config.eval.setting=gzs3, got {setting!r}')
@@ -161,21 +162,21 @@ class Target:
         raise FileNotFoundError(f'evaluation dataset directory {self.data_dir!r} '
                                 '(config.eval.data_dir) does not exist')
       self.split = split or config.eval.split or 'val_all'
-      self.class_names, _ = input_pipeline.dataset_classes(self.data_dir, self.split)
-      self.seen_mask = seen_by_name(self.class_names, training_class_names(config))
-      info = tfrecord.read_dataset_info(self.data_dir)
-      self.name = config.eval.name or info.get('dataset') or os.path.basename(
-          os.path.normpath(self.data_dir))
     else:
       self.data_dir = input_pipeline.data_dir(config)
       self.split = split or (config.dataset.zs3_split if setting == 'zs3'
                              else config.dataset.eval_split)
-      self.class_names, self.seen_mask = input_pipeline.dataset_classes(self.data_dir,
-                                                                        self.split)
+    info = tfrecord.read_dataset_info(self.data_dir)
+    s = tfrecord.split_info(info, self.split, self.data_dir)
+    self.class_names = list(s['class_names'])
+    self.ignore_value = int(s['ignore_value'])
+    if self.cross_dataset:
+      self.seen_mask = seen_by_name(self.class_names, training_class_names(config))
+      self.name = config.eval.name or info.get('dataset') or os.path.basename(
+          os.path.normpath(self.data_dir))
+    else:
+      self.seen_mask = np.asarray(s['seen'], np.bool_)
       self.name = config.dataset.name
-    self.ignore_value = int(tfrecord.split_info(
-        tfrecord.read_dataset_info(self.data_dir), self.split, self.data_dir)['ignore_value'])
-    self.cross_dataset = bool(config.eval.data_dir)
 
   def file_tag(self, tag: str) -> str:
     """The part of metrics_<variant>_<...>.json that tells this evaluation from the default."""

@@ -68,7 +68,7 @@ def metrics_figure(metrics: Dict[str, Any], max_rows: int = MAX_ROWS):
     widths.append(c['IoU'])
     colours.append(SEEN_COLOUR if c['split'] == 'seen' else UNSEEN_COLOUR)
     ticklabels.append(c['name'])
-  bars = ax.barh(ys, widths, height=0.75, color=colours)
+  ax.barh(ys, widths, height=0.75, color=colours)
   # Values at the base of each bar (inside, white), so the mean lines never cross them;
   # bars too short to hold the text get it in black just past their end.
   for y, w in zip(ys, widths):

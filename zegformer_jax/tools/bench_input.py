@@ -20,7 +20,6 @@ batch (worker start-up) and --warmup batches are not timed; then --batches batch
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -33,15 +32,6 @@ from zegformer_jax import cli
 
 FAKE_SIZE = (480, 640)  # h, w
 CLASSES_PER_IMAGE = 10
-
-
-def load_config(spec: str):
-  """configs/<name>.py[:arg] -> the ConfigDict of its get_config(arg) (cli.load_config)."""
-  path = spec.partition(':')[0]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if os.path.isfile(path) and root not in sys.path:
-    sys.path.insert(0, root)  # configs import each other as the package `configs`
-  return cli.load_config(spec)
 
 
 def _smooth(rng: np.random.Generator, n: int, h: int, w: int, cells: int) -> np.ndarray:

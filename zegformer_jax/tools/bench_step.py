@@ -16,7 +16,6 @@ the same step time (BENCHMARKS.md gives the figure next to each demo run).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from absl import flags
@@ -25,13 +24,11 @@ import numpy as np
 
 from zegformer_jax import cli
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs', 'shapesworld.py')
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  cli.define_config_flag(_DEFAULT_CONFIG)
+  cli.define_config_flag(cli.bundled_config('shapesworld.py'))
   flags.DEFINE_integer('steps', 150, 'Timed steps.')
   flags.DEFINE_integer('warmup', 5, 'Untimed steps after the first (compiling) one.')
   flags.DEFINE_integer('num_classes', 26, 'Training classes (ShapesWorld default split: 26).')

@@ -8,7 +8,7 @@ Two conventions are reported:
 - trainable only (FrozenBN scale and bias excluded): R-50: 41,348,032; R-101: 60,287,936.
 FrozenBN running mean and variance are never counted.
 """
-from typing import Dict, Tuple
+from typing import Tuple
 
 import jax
 import ml_collections

@@ -90,6 +90,13 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
+def no_checkpoint_error(workdir: str) -> FileNotFoundError:
+  """What a reader (eval, predict) raises for a workdir without a finished checkpoint."""
+  return FileNotFoundError(
+      f'no checkpoint in {os.path.abspath(os.path.join(workdir, SUBDIR))}: train first '
+      '(--mode train) or set --config.train.init_from')
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 

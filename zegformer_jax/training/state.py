@@ -4,7 +4,6 @@ Training, evaluation, prediction and the benchmarks all build the state here, so
 them restores exactly what training saved.
 """
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -69,9 +68,7 @@ def load_latest_state(config, workdir: str, num_classes: int):
       state, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
                                     jax.random.key(config.seed))
       return model, init_from(config.train.init_from, state)
-    raise FileNotFoundError(
-        f'no checkpoint in {os.path.abspath(os.path.join(workdir, checkpoints.SUBDIR))}: '
-        'train first (--mode train) or set --config.train.init_from')
+    raise checkpoints.no_checkpoint_error(workdir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every, read_only=True)
   step = ckpt.latest_step()

@@ -181,8 +181,7 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
 
       preempted = preemption.should_stop(step)
       due = [e for e in evaluators if e.due(step, total_steps)]
-      eval_now = bool(due)
-      if ckpt.due(step) or step == total_steps or preempted or eval_now:
+      if ckpt.due(step) or step == total_steps or preempted or due:
         finish(*pending)  # a state is saved or evaluated only after its step passed the guard
         pending = None
         if ckpt.due(step) or step == total_steps or preempted:

@@ -22,7 +22,6 @@ import numpy as np
 from zegformer_jax.weights import accounting
 from zegformer_jax.weights import openai_clip
 from zegformer_jax.weights import store
-from zegformer_jax.weights import torch_pickle
 from zegformer_jax.weights import zegformer
 
 FORMATS = ('d2-resnet', 'torchvision-resnet', 'zegformer', 'openai-clip')
@@ -163,16 +162,12 @@ def main(argv: Sequence[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
   config = f.config
   overrides = config_flags.get_override_values(f['config']) if config is not None else {}
-  try:
-    meta = convert(f['from'].value, f.input, f.output,
-                   config_spec=f['config'].config_filename if config is not None else '',
-                   model_config=config.model if config is not None else None,
-                   config_overrides=overrides, allow_missing=f.allow_missing,
-                   tokenizer_dir=f.tokenizer_dir, clip_text_heads=f.clip_text_heads,
-                   clip_vision_heads=f.clip_vision_heads, overwrite=f.overwrite)
-  except (torch_pickle.UnsafePickleError, FileExistsError) as e:
-    # Messages for the user that cli.EXPECTED_ERRORS does not catch: one line all the same.
-    raise ValueError(str(e)) from e
+  meta = convert(f['from'].value, f.input, f.output,
+                 config_spec=f['config'].config_filename if config is not None else '',
+                 model_config=config.model if config is not None else None,
+                 config_overrides=overrides, allow_missing=f.allow_missing,
+                 tokenizer_dir=f.tokenizer_dir, clip_text_heads=f.clip_text_heads,
+                 clip_vision_heads=f.clip_vision_heads, overwrite=f.overwrite)
   for note in meta['notes']:
     print(note)
   print(f'wrote {os.path.abspath(f.output)}')

@@ -63,8 +63,9 @@ LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL_VERSION = 1001
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-  """The pickle references a global outside the tensor/ndarray allow-list."""
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+  """The pickle references a global outside the tensor/ndarray allow-list (a bad input
+  file: a ValueError too, so the CLIs report it in one line)."""
 
 
 class TorchFileError(ValueError):

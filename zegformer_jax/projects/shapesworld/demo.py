@@ -24,13 +24,11 @@ from absl import flags
 
 from zegformer_jax import cli
 
-_CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), 'configs', 'shapesworld.py')
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  cli.define_config_flag(_CONFIG_FILE)
+  cli.define_config_flag(cli.bundled_config('shapesworld.py'))
   flags.DEFINE_string('workdir', 'runs/shapesworld', 'Where the demo writes everything.')
   flags.DEFINE_list('variants', ['seg', 'img', 'full'], 'Evaluation variants.')
   flags.DEFINE_integer('num_overlays', 4, 'Validation images to write prediction overlays for.')
