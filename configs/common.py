@@ -13,6 +13,10 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 RESNET_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
+# config.model.name values (zegformer_jax/modeling/methods.py; kept here so that loading a
+# config does not import JAX).
+METHODS = ('zegformer', 'spnet_fpn', 'zs3net')
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -59,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   c.model = ml_collections.ConfigDict()
+  # The method (modeling/methods.py): 'zegformer', or the pixel-level baselines 'spnet_fpn'
+  # (SPNet with the same FPN) and 'zs3net' (ZS3Net: + config.zs3net, the generative stage).
+  c.model.name = 'zegformer'
   c.model.pixel_mean = PIXEL_MEAN
   c.model.pixel_std = PIXEL_STD
   c.model.backbone = ml_collections.ConfigDict()
@@ -98,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.clip.test_prompts = 'imagenet_select'   # prompt set for the segment branch at evaluation
   c.clip.image_prompts = 'select_clip'      # 32 templates: the image branch always uses these
   c.clip.text_batch_size = 256
+  # Word vectors (e.g. fastText + word2vec, 600-d) in place of CLIP text embeddings for the
+  # segment branch, SPNet and ZS3Net: a local .json / .npz file (modeling/word_vectors.py);
+  # model.embed_dim must match. '' = CLIP.
+  c.clip.class_embeddings_file = ''
 
   # ---------------------------------------------------------------- loss / matching
   c.loss = ml_collections.ConfigDict()
@@ -202,3 +213,48 @@ def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def min_sizes(base: int, lo: int, hi: int) -> tuple:
   """detectron2's MIN_SIZE_TRAIN recipe: int(x * 0.1 * base) for x in [lo, hi]."""
   return tuple(int(x * 0.1 * base) for x in range(lo, hi + 1))
+
+
+def zs3net_config() -> ml_collections.ConfigDict:
+  """ZS3Net's generative stage (training/generative.py), run after the segmentation network
+  has trained on the seen classes. Values follow the public code (docs/reference.md,
+  section 9) unless a comment says otherwise."""
+  z = ml_collections.ConfigDict()
+  # Real pixel features of each seen class, taken from the training split at stride 4
+  # (labels subsampled to the feature grid), kept for the generator and the classifier.
+  z.features_per_class = 2000
+  z.feature_images = 0             # training images read for them (0: the whole split)
+  # GMMN: [class embedding, noise] -> hidden (LeakyReLU 0.2, dropout 0.5) -> pixel feature.
+  z.noise_dim = 300
+  z.hidden_dim = 256
+  z.dropout = 0.5
+  z.kernel_sigmas = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)   # multi-kernel MMD bandwidths
+  z.generator_steps = 2000
+  z.generator_batch = 128          # real features per class and step (and as many generated)
+  z.generator_classes = 8          # seen classes per generator step
+  z.generator_lr = 2e-4
+  # The final classifier, refit on real seen + generated unseen features.
+  z.generated_per_class = 2000     # generated features per unseen class
+  z.classifier_steps = 1000
+  z.classifier_batch = 1024
+  z.classifier_lr = 1e-3
+  return z
+
+
+def as_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+  """`c` (a ZegFormer config) for another method of METHODS, everything else kept: the same
+  backbone, pixel decoder, data, text embeddings, optimiser, schedule, test views and
+  calibration. The pixel-level methods have one variant, their own ('seg'), and no decoder
+  or set-loss settings in use; ZS3Net adds config.zs3net."""
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  if method == 'zegformer':
+    return c
+  with c.unlocked():
+    c.experiment = f'{c.experiment}_{method}' if c.experiment else method
+    c.model.name = method
+    c.eval.variant = 'seg'
+    c.evals.val_seen.variants = ('seg',)
+    if method == 'zs3net':
+      c.zs3net = zs3net_config()
+  return c

@@ -2,6 +2,10 @@ r"""ShapesWorld: the embedded, CPU-sized default.
 
   python -m zegformer_jax.main --config configs/shapesworld.py --workdir runs/shapesworld
   python -m zegformer_jax.main --config configs/shapesworld.py:smoke ...   # a few steps, tests
+  python -m zegformer_jax.main --config configs/shapesworld.py:spnet_fpn ... # another method
+
+The argument is a comma-separated list: at most one method of modeling/methods.py
+(zegformer, the default; spnet_fpn; zs3net) and 'smoke', e.g. `:zs3net,smoke`.
 
 The world, its miniature CLIP and its pretrained backbone are made under the workdir by the
 ShapesWorld project (zegformer_jax/projects/shapesworld, `config.shapesworld`); another
@@ -15,7 +19,16 @@ import ml_collections
 from configs import common
 
 
+ARGS = ('smoke',) + common.METHODS
+
+
 def get_config(arg=None):
+  args = [a.strip() for a in (arg or '').split(',') if a.strip()]
+  bad = [a for a in args if a not in ARGS]
+  if bad:
+    raise ValueError(f'shapesworld config argument must be a comma-separated list of {ARGS}; '
+                     f'got {arg!r}')
+  method = ([a for a in args if a in common.METHODS] or ['zegformer'])[-1]
   c = common.base_config()
   c.experiment = 'shapesworld'
   c.project = 'zegformer_jax.projects.shapesworld.prepare'
@@ -127,7 +140,14 @@ def get_config(arg=None):
   c.eval.aug_min_sizes = (64, 80)
   c.eval.aug_flip = True
 
-  if arg == 'smoke':
+  # The pixel-level baselines: the same backbone, FPN, data, text embeddings, optimiser,
+  # schedule and test views; their own head and per-pixel cross-entropy.
+  c = common.as_method(c, method)
+  if method == 'zs3net':
+    # The 8000 training scenes give ~2M seen-class feature cells; 2000 per class are kept.
+    c.zs3net.feature_images = 0
+
+  if 'smoke' in args:
     w.num_train = 64
     w.num_val = 16
     c.input.global_batch_size = 8
@@ -142,6 +162,8 @@ def get_config(arg=None):
     w.backbone_pretrain.steps = 20
     w.backbone_pretrain.pool_scenes = 16
     w.backbone_pretrain.eval_scenes = 4
-  elif arg not in (None, ''):
-    raise ValueError(f'shapesworld config argument must be "smoke" or empty; got {arg!r}')
+    if method == 'zs3net':
+      c.zs3net.generator_steps = 20
+      c.zs3net.classifier_steps = 20
+      c.zs3net.features_per_class = 64
   return common.lock(c)

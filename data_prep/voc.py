@@ -27,6 +27,13 @@ without filtering by test_list. In this flat layout the val folder is every labe
 SegmentationClassAug that is not in train_list (for the standard 12,031-file release these
 are exactly the 1,449 test_list images, so all three val splits hold the same images).
 
+--zs3net_unseen K (2, 4, 6, 8 or 10) writes ZS3Net's VOC benchmark instead (dataset
+'voc_zs3_k<K>', classes from datasets_meta.ZS3NET_VOC_UNSEEN; use another OUT): background
+is a seen class (21 classes), the first K of cow, motorbike, aeroplane, sofa, cat, tvmonitor,
+train, bottle, chair, potted plant are unseen, and the four splits are as above with
+background kept. Training images that hold unseen pixels keep them as ignore (this project's
+train-split rule, as COCO-Stuff); ZS3Net's own code drops those images from training.
+
 --background class writes PASCAL VOC 21 for cross-dataset evaluation instead (dataset
 'voc21', classes in assets/voc21_classes.json; use another OUT): the one split
 
@@ -124,22 +131,30 @@ def spec(dataset: str = DATASET) -> common.DatasetSpec:
 
 def convert(input_dir: str, output_dir: str, *, split_dir: str | None = None,
             num_shards: int | None = None, workers: int = 1, skip_bad: bool = False,
-            background: str = 'ignore') -> dict:
+            background: str = 'ignore', zs3net_unseen: int = 0) -> dict:
   """Converts a raw VOCZERO tree (module docstring); returns the dataset_info."""
   if background not in BACKGROUND:
     raise ValueError(f'background must be one of {list(BACKGROUND)}, got {background!r}')
+  if zs3net_unseen and zs3net_unseen not in datasets_meta.ZS3NET_VOC_K:
+    raise ValueError(f'zs3net_unseen must be one of {list(datasets_meta.ZS3NET_VOC_K)}, '
+                     f'got {zs3net_unseen}')
+  if zs3net_unseen and background == 'class':
+    raise ValueError('--zs3net_unseen writes its own splits (background a seen class); it '
+                     'does not combine with --background class')
   lists = read_lists(split_dir)
   items, problems = plan_items(input_dir, lists)
   if background == 'class':
     return _convert_voc21(input_dir, output_dir, split_dir, items['val_all'], problems,
                           num_shards=num_shards, workers=workers, skip_bad=skip_bad)
+  dataset = f'voc_zs3_k{zs3net_unseen}' if zs3net_unseen else DATASET
   plans = []
   for split, split_items in items.items():
-    names, seen, lut = common.class_lut(DATASET, split, 256)  # id 0 (background) -> ignore
+    # DATASET: id 0 (background) -> ignore; voc_zs3_k<K>: background is class 0.
+    names, seen, lut = common.class_lut(dataset, split, 256)
     plans.append(common.SplitPlan(split, split_items, names, seen, lut))
-  all_names, all_seen = common.class_lut(DATASET, 'val_all', 256)[:2]
+  all_names, all_seen = common.class_lut(dataset, 'val_all', 256)[:2]
   return common.convert(
-      spec(), plans, input_dir=input_dir, output_dir=output_dir, num_shards=num_shards,
+      spec(dataset), plans, input_dir=input_dir, output_dir=output_dir, num_shards=num_shards,
       workers=workers, skip_bad=skip_bad, problems=problems,
       extra_info={'seen_classes': [n for n, s in zip(all_names, all_seen) if s],
                   'unseen_classes': [n for n, s in zip(all_names, all_seen) if not s],
@@ -170,6 +185,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum('background', 'ignore', list(BACKGROUND),
                     'ignore: the zero-shot splits, background ignored (VOC 20); class: only '
                     'val_all with background as class 0 (dataset voc21, 21 classes).', **kw)
+  flags.DEFINE_integer('zs3net_unseen', 0,
+                       "ZS3Net's VOC benchmark with K = 2, 4, 6, 8 or 10 unseen classes "
+                       '(dataset voc_zs3_k<K>, background a seen class); 0: the 15/5 split.',
+                       **kw)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -179,7 +198,8 @@ def main(argv: Sequence[str]) -> None:
   OUT/dataset_info.json, or what convert() returns.
   """
   a = common.parse_flags(argv, define_flags)
-  common.run(convert, a, split_dir=a.split_dir, background=a.background)
+  common.run(convert, a, split_dir=a.split_dir, background=a.background,
+             zs3net_unseen=a.zs3net_unseen)
 
 
 if __name__ == '__main__':

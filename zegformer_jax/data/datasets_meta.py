@@ -39,9 +39,18 @@ import json
 
 import numpy as np
 
-DATASETS = ('coco_stuff', 'voc', 'ade20k_full', 'ade150', 'pcontext59', 'pcontext459', 'voc21')
+# ZS3Net's PASCAL VOC benchmarks (Bucher et al. 2019; valeoai/ZS3 train_pascal.py): K = 2,
+# 4, 6, 8, 10 unseen classes, cumulative, background a seen class (21 classes). Dataset
+# 'voc_zs3_k<K>'; its class entries are made from voc21_classes.json (`_voc_zs3_meta`).
+ZS3NET_VOC_UNSEEN = ('cow', 'motorbike', 'aeroplane', 'sofa', 'cat', 'tvmonitor', 'train',
+                     'bottle', 'chair', 'potted plant')
+ZS3NET_VOC_K = (2, 4, 6, 8, 10)
+VOC_ZS3 = tuple(f'voc_zs3_k{k}' for k in ZS3NET_VOC_K)
+
+DATASETS = ('coco_stuff', 'voc', 'ade20k_full', 'ade150', 'pcontext59', 'pcontext459',
+            'voc21') + VOC_ZS3
 SPLITS = ('train', 'val_seen', 'val_unseen', 'val_all')
-_CLASS_FILES = {d: f'{d}_classes.json' for d in DATASETS}
+_CLASS_FILES = {d: f'{d}_classes.json' for d in DATASETS if d not in VOC_ZS3}
 
 
 def _asset_text(name: str) -> str:
@@ -55,14 +64,38 @@ def _load(name: str) -> dict:
 
 
 def _check_dataset(dataset: str) -> None:
-  if dataset not in _CLASS_FILES:
+  if dataset not in DATASETS:
     raise ValueError(f'unknown dataset {dataset!r}; known: {list(DATASETS)}')
 
 
 def dataset_meta(dataset: str) -> dict:
   """The whole asset of `dataset`: {'dataset', 'description', 'ignore_value', 'classes', ...}."""
   _check_dataset(dataset)
+  if dataset in VOC_ZS3:
+    return _voc_zs3_meta(int(dataset[len('voc_zs3_k'):]))
   return _load(_CLASS_FILES[dataset])
+
+
+@functools.lru_cache(maxsize=None)
+def _voc_zs3_meta(k: int) -> dict:
+  """ZS3Net's VOC split with the first k of ZS3NET_VOC_UNSEEN unseen: background and the
+  20 classes (ids 0..20 of SegmentationClassAug, trainId = id), background seen."""
+  base = _load(_CLASS_FILES['voc21'])
+  unseen = set(ZS3NET_VOC_UNSEEN[:k])
+  classes, n_seen, n_unseen = [], 0, 0
+  for c in base['classes']:
+    is_seen = c['name'] not in unseen
+    classes.append({'name': c['name'], 'id': c['id'], 'trainId': c['trainId'],
+                    'split': 'seen' if is_seen else 'unseen',
+                    'trainId_seen': n_seen if is_seen else None,
+                    'trainId_unseen': None if is_seen else n_unseen})
+    n_seen += is_seen
+    n_unseen += not is_seen
+  return {'dataset': f'voc_zs3_k{k}',
+          'description': f'PASCAL VOC 2012 (SBD-augmented) with background, ZS3Net benchmark '
+                         f'with {k} unseen classes: {", ".join(ZS3NET_VOC_UNSEEN[:k])}.',
+          'ignore_value': base['ignore_value'], 'raw_ignore_value': base['raw_ignore_value'],
+          'num_seen': n_seen, 'num_unseen': n_unseen, 'classes': classes}
 
 
 def classes(dataset: str) -> list[dict]:
@@ -98,7 +131,7 @@ def split_classes(dataset: str, split: str) -> list[dict]:
     raise ValueError(f'unknown split {split!r} of {dataset}; known: {list(SPLITS)}')
   chosen = sorted((c for c in cls if c[key] is not None), key=lambda c: c[key])
   if [c[key] for c in chosen] != list(range(len(chosen))):
-    raise ValueError(f'assets/{_CLASS_FILES[dataset]}: {key} is not 0..{len(chosen) - 1}')
+    raise ValueError(f'classes of {dataset}: {key} is not 0..{len(chosen) - 1}')
   return [dict(c) for c in chosen]
 
 

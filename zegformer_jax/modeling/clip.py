@@ -471,6 +471,18 @@ def class_text_embeddings(config, workdir: str, class_names: Sequence[str],
       prompt_templates(prompt_set), batch_size=config.clip.text_batch_size)
 
 
+def class_embeddings(config, workdir: str, class_names: Sequence[str],
+                     prompt_set: str) -> np.ndarray:
+  """[K, D] class embeddings of the segment branch (and of SPNet / ZS3Net): CLIP text
+  embeddings (`class_text_embeddings`), or word vectors when
+  config.clip.class_embeddings_file is set (modeling/word_vectors.py)."""
+  path = config.clip.get('class_embeddings_file', '')
+  if path:
+    from zegformer_jax.modeling import word_vectors
+    return word_vectors.class_vectors(path, class_names)
+  return class_text_embeddings(config, workdir, class_names, prompt_set)
+
+
 # ---------------------------------------------------------------------------- image
 
 

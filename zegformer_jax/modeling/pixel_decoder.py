@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zegformer_jax.modeling.resnet import Conv2d, c2_xavier_fill
+from zegformer_jax.modeling.resnet import Conv2d, ResNet, c2_xavier_fill
 
 
 def resize_nearest(x: jax.Array, size: Tuple[int, int]) -> jax.Array:
@@ -71,3 +71,29 @@ class BasePixelDecoder(nn.Module):
       y = lateral + resize_nearest(y, lateral.shape[1:3])
       y = conv(self.conv_dim, 3, norm='GN', activation=True, name=f'layer_{idx}')(y)
     return conv(self.mask_dim, 3, use_bias=True, name='mask_features')(y)
+
+
+def resnet_fpn(cfg, images: jax.Array, dtype: Any) -> Tuple[Dict[str, jax.Array], jax.Array]:
+  """The backbone and pixel decoder every method shares, as submodules of the caller.
+
+  Call from inside a compact `__call__`: the modules are named 'backbone' and
+  'pixel_decoder' in the caller's scope, so every method has the same parameter paths (and
+  loads the same converted backbone).
+
+  Args:
+    cfg: a `model` sub-config (backbone, pixel_decoder).
+    images: [B, H, W, 3] normalised, H and W multiples of 32.
+    dtype: compute dtype.
+  Returns:
+    (features {'res2'..'res5'}, mask features [B, H/4, W/4, mask_dim]).
+  """
+  features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
+                    stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
+                    norm=cfg.backbone.get('norm', 'FrozenBN'),
+                    gn_groups=cfg.backbone.get('gn_groups', 32),
+                    freeze_at=cfg.backbone.get('freeze_at', 0),
+                    dtype=dtype, name='backbone')(images)
+  mask_features = BasePixelDecoder(
+      conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
+      gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
+  return features, mask_features

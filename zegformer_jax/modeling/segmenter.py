@@ -19,18 +19,25 @@ import numpy as np
 
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import inference
+from zegformer_jax.modeling import methods
+from zegformer_jax.modeling import per_pixel
 from zegformer_jax.modeling import preprocess
 from zegformer_jax.modeling import tta
 
 VARIANTS = ('seg', 'img', 'full')
 
 
-def check_variants(variants) -> tuple:
-  """The distinct variants, in order; an unknown one is an error naming it."""
+def check_variants(variants, model_config=None) -> tuple:
+  """The distinct variants, in order; an unknown one (or one the method of `model_config`
+  does not have: img and full need ZegFormer's segments) is an error naming it."""
   variants = tuple(dict.fromkeys(variants))
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f'config.eval.variant must be one of {VARIANTS}, got {v!r}')
+    if model_config is not None and v not in methods.variants(model_config):
+      raise ValueError(f'variant {v!r} needs segments: method '
+                       f'{methods.method_name(model_config)!r} has only '
+                       f'{methods.variants(model_config)}')
   return variants
 
 
@@ -115,9 +122,13 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   with_masks adds 'masks': the final layer's mask logits [B, Q, Hl, Wl] at label resolution
   (averaged over the views like the scores), for the grouping oracle.
   """
-  variants = check_variants(variants)
+  variants = check_variants(variants, config.model)
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
+  pixel_level = methods.is_pixel_method(config.model)
+  if pixel_level and with_masks:
+    raise ValueError('config.eval.oracles needs segments; method '
+                     f'{methods.method_name(config.model)!r} classifies pixels')
 
   def forward(params, frozen, image, image_hw, text_embeddings, seen_mask, clip_params,
               clip_text):
@@ -125,8 +136,10 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
     images = preprocess.normalize(image, mean, std, image_hw)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=False)
-    pred_logits = outputs['pred_logits'][-1]
     hp, wp = images.shape[1:3]
+    if pixel_level:   # SPNet-FPN / ZS3Net: per-pixel softmax at the padded size
+      return {'seg': per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp))}
+    pred_logits = outputs['pred_logits'][-1]
     mask_logits = inference.upsample_bilinear(
         outputs['pred_masks'][-1].astype(jnp.float32), (hp, wp))
     clip_inputs = None

@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from zegformer_jax.modeling.pixel_decoder import BasePixelDecoder
-from zegformer_jax.modeling.resnet import Conv2d, ResNet, c2_xavier_fill
+from zegformer_jax.modeling.pixel_decoder import resnet_fpn
+from zegformer_jax.modeling.resnet import Conv2d, c2_xavier_fill
 from zegformer_jax.modeling.transformer import TransformerDecoder
 from zegformer_jax.modeling.transformer import position_embedding_sine
 from zegformer_jax.modeling.transformer import torch_linear_bias_init
@@ -120,15 +120,7 @@ class ZegFormer(nn.Module):
     dec = cfg.decoder
     hidden = dec.hidden_dim
 
-    features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
-                      stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
-                      norm=cfg.backbone.get('norm', 'FrozenBN'),
-                      gn_groups=cfg.backbone.get('gn_groups', 32),
-                      freeze_at=cfg.backbone.get('freeze_at', 0),
-                      dtype=dtype, name='backbone')(images)
-    mask_features = BasePixelDecoder(
-        conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
-        gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
+    features, mask_features = resnet_fpn(cfg, images, dtype)
 
     # TRANSFORMER_IN_FEATURE: the decoder reads a backbone level (res5 in every official
     # config) or, with MaskFormer's 'pixel_embedding' option, the stride-4 mask features.

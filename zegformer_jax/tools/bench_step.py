@@ -60,13 +60,13 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
 def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
   """{'first_step_s' (compilation included), 'step_ms', 'final_loss'}."""
   import jax
-  from zegformer_jax.modeling import zegformer
+  from zegformer_jax.modeling import methods
   from zegformer_jax.training import sharding
   from zegformer_jax.training import state as state_lib
   from zegformer_jax.training import train
 
   mesh = sharding.mesh_from_config(config)
-  model = zegformer.build_model(config.model)
+  model = methods.build_model(config.model)
   optimizer_fn = state_lib.make_optimizer_fn(config, max(steps, 1))
   state, state_sharding = state_lib.create_train_state(
       config, model, optimizer_fn, num_classes, mesh, jax.random.key(config.seed))

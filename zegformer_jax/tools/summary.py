@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from zegformer_jax.modeling import zegformer
+from zegformer_jax.modeling import methods
 
 
 def _count(tree) -> int:
@@ -35,7 +35,7 @@ def parameter_summary(model_config: ml_collections.ConfigDict,
     penultimate line is `total params: N` (N with FrozenBN scale+bias), the last line gives
     the trainable-only count.
   """
-  shapes = zegformer.variable_shapes(model_config, image_hw)
+  shapes = methods.variable_shapes(model_config, image_hw)
   params, frozen = shapes['params'], shapes.get('frozen', {})
   names = list(params) + [k for k in frozen if k not in params]
   rows = []
