@@ -197,6 +197,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals.val_seen.split = 'val_seen'
   c.evals.val_seen.variants = ('seg',)
 
+  # ---------------------------------------------------------------- self-training
+  # The transductive setting (training/self_training.py), off unless source_workdir names a
+  # trained run: its confident unseen-class predictions on the unlabelled pixels of the
+  # training images become pseudo-labels, and this run continues from its weights. Report
+  # such runs apart from the inductive ones.
+  c.self_training = ml_collections.ConfigDict()
+  c.self_training.source_workdir = ''
+  c.self_training.fraction = 0.25           # top share of each class's candidates per image
+  c.self_training.variant = 'seg'           # the source's scores that label
+
   # Mode-specific options from the command line (main.py); listed so they can be overridden.
   c.predict = ml_collections.ConfigDict()
   c.predict.images = ''
