@@ -227,24 +227,27 @@ def min_sizes(base: int, lo: int, hi: int) -> tuple:
 
 def zs3net_config() -> ml_collections.ConfigDict:
   """ZS3Net's generative stage (training/generative.py), run after the segmentation network
-  has trained on the seen classes. Values follow the public code (docs/reference.md,
-  section 9) unless a comment says otherwise."""
+  has trained on the seen classes. 'public code' marks values of valeoai/ZS3
+  (docs/reference.md, section 9); the others are this project's (that code's loop has no
+  equivalent of them)."""
   z = ml_collections.ConfigDict()
   # Real pixel features of each seen class, taken from the training split at stride 4
-  # (labels subsampled to the feature grid), kept for the generator and the classifier.
+  # (labels at the feature cells' centres), kept for the generator and the classifier.
   z.features_per_class = 2000
   z.feature_images = 0             # training images read for them (0: the whole split)
-  # GMMN: [class embedding, noise] -> hidden (LeakyReLU 0.2, dropout 0.5) -> pixel feature.
-  z.noise_dim = 300
-  z.hidden_dim = 256
-  z.dropout = 0.5
-  z.kernel_sigmas = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)   # multi-kernel MMD bandwidths
+  # GMMN: [class embedding, noise U[0,1)] -> hidden (LeakyReLU 0.2, dropout) -> feature.
+  z.noise_dim = 300                # public code
+  z.hidden_dim = 256               # public code
+  z.dropout = 0.5                  # public code
+  z.kernel_sigmas = (2.0, 5.0, 10.0, 20.0, 40.0, 80.0)   # public code (each acts as sigma^2)
+  z.generator_batch = 128          # public code: real (and generated) samples per class
+  z.generator_lr = 2e-4            # public code (Adam)
+  # Public code: one step per (image, present class) pair for 30 epochs; here each step
+  # averages the MMD of `generator_classes` classes.
   z.generator_steps = 2000
-  z.generator_batch = 128          # real features per class and step (and as many generated)
-  z.generator_classes = 8          # seen classes per generator step
-  z.generator_lr = 2e-4
-  # The final classifier, refit on real seen + generated unseen features.
-  z.generated_per_class = 2000     # generated features per unseen class
+  z.generator_classes = 8
+  # The final classifier, fit from zero with Adam on real seen + generated other classes.
+  z.generated_per_class = 2000     # generated features per class without real ones
   z.classifier_steps = 1000
   z.classifier_batch = 1024
   z.classifier_lr = 1e-3

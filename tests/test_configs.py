@@ -90,8 +90,8 @@ def test_cli_wrong_type_is_one_line_error():
     ('configs/common.py', "error: cannot load config 'configs/common.py': config file "
                           'configs/common.py has no get_config(arg) function'),
     ('configs/shapesworld.py:bad', "error: cannot load config 'configs/shapesworld.py:bad': "
-                                   'shapesworld config argument must be "smoke" or empty; '
-                                   "got 'bad'")])
+                                   'shapesworld config argument must be a comma-separated list '
+                                   "of ('smoke', 'zegformer', 'spnet_fpn', 'zs3net'); got 'bad'")])
 def test_cli_config_file_errors_are_one_line(spec, line):
   r = _main('--config', spec, '--mode', 'summary')
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == line
@@ -106,3 +106,41 @@ def test_cli_eval_without_checkpoint_stops_before_the_project_prepares(tmp_path)
       f'error: no checkpoint in {tmp_path}/checkpoints: train first (--mode train) or set '
       '--config.train.init_from')
   assert os.listdir(tmp_path) == []   # no world generated, no CLIP pretrained
+
+
+@pytest.mark.parametrize('name,arg,method,dataset,steps', [
+    ('coco_stuff_spnet_r50', None, 'spnet_fpn', 'coco_stuff', 60000),
+    ('voc_spnet_r50', '30k', 'spnet_fpn', 'voc', 30000),
+    ('coco_stuff_zs3net_r50', None, 'zs3net', 'coco_stuff', 60000),
+    ('voc_zs3net_r50', 'k6', 'zs3net', 'voc_zs3_k6', 10000),
+    ('voc_zs3net_r50', None, 'zs3net', 'voc', 10000),
+])
+def test_baseline_configs_keep_zegformers_recipe(name, arg, method, dataset, steps):
+  """A baseline config differs from its ZegFormer recipe only in the method's own keys."""
+  import importlib
+  c = importlib.import_module(f'configs.{name}').get_config(arg)
+  experiment = f'voc_zs3net_{arg}_r50' if name == 'voc_zs3net_r50' and arg else name
+  assert (c.experiment, c.model.name, c.dataset.name, c.train.total_steps) == (
+      experiment, method, dataset, steps)
+  assert c.eval.variant == 'seg' and tuple(c.evals.val_seen.variants) == ('seg',)
+  base = importlib.import_module('configs.' + name.replace(f'_{method.split("_")[0]}', '')
+                                 .replace('_fpn', '')).get_config(
+                                     '30k' if arg and '30k' in arg else None)
+  for key in ('input', 'optim', 'clip'):
+    want = base[key].to_dict()
+    got = c[key].to_dict()
+    if name.startswith('voc_zs3net') and arg:
+      want.pop('max_masks'), got.pop('max_masks')
+    assert got == want, key
+  assert c.model.backbone.to_dict() == base.model.backbone.to_dict()
+  assert ('zs3net' in c) == (method == 'zs3net')
+
+
+def test_spnet_parameter_count():
+  """SPNet-FPN R-50 = ZegFormer's backbone + pixel decoder + the 1x1 projection 256 -> 512."""
+  from configs import coco_stuff_spnet_r50
+  from zegformer_jax.tools import summary
+  _, total, _ = summary.parameter_summary(coco_stuff_spnet_r50.get_config().model)
+  assert total == 31_180_096
+  shapes = summary.methods.variable_shapes(coco_stuff_spnet_r50.get_config().model)
+  assert shapes['params']['projection']['kernel'].shape == (1, 1, 256, 512)

@@ -56,10 +56,12 @@ def method_label(method: str, variant: str) -> str:
 
 
 def setting_label(config: dict) -> str:
-  """What the run was trained and evaluated on: the dataset, and the ShapesWorld world."""
+  """What the run was trained and evaluated on: the dataset, and for a project that makes
+  its data (config.project = '<package>.<project>.prepare') the project's world settings."""
   name = config.get('dataset', {}).get('name', '?')
-  world = config.get('shapesworld')
-  if world:
+  project = config.get('project') or ''
+  world = config.get(project.split('.')[-2]) if project.count('.') >= 1 else None
+  if isinstance(world, dict) and 'split' in world:
     return f'{name}/{world.get("split", "default")} (world seed {world.get("seed", 0)})'
   return name
 
