@@ -7,10 +7,11 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins the exact versions tested; pyproject.toml declares ranges.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -9,13 +9,16 @@ label values to the split's label ids). `convert()` then does the rest:
                 split's size; default one shard per DEFAULT_EXAMPLES_PER_SHARD files).
   parallelism   one task per shard, run by `--workers` spawned processes (0 or 1: in this
                 process). Spawn rather than fork: the caller may hold threads (JAX, grain).
-  resume        a finished shard leaves `<shard>.done` (JSON: record count, file size, and a
-                fingerprint of the shard's source files and of the conversion settings). A
-                shard whose .done matches, whose file has that size and whose record headers
+  resume        a finished shard leaves `.progress/<shard>.done` (JSON: record count, file
+                size, and a fingerprint of the shard's source files and of the conversion
+                settings), in a subdirectory so that `<split>.tfrecord-*` matches only
+                shards (`.done` files beside the shards, from older versions, are moved
+                there). A shard whose .done matches, whose file has that size and whose
+                record headers
                 (CRC-checked) count as many records is not rewritten. Shards are written to a
                 temporary file and renamed (tfrecord.TFRecordWriter), so a crash never
                 leaves a half shard under the final name. The fingerprint covers file names,
-                not contents: after editing raw files in place, delete the .done files.
+                not contents: after editing raw files in place, delete `.progress/`.
   bad files     a missing partner (image without label or the reverse), an unreadable file,
                 an image whose size differs from its label's, or a label value outside the
                 dataset's raw range raises BadFileError naming the file. With skip_bad the
@@ -54,6 +57,12 @@ from zegformer_jax.data import tfrecord
 CONVERTER_VERSION = 1
 DEFAULT_EXAMPLES_PER_SHARD = 1000
 DONE_SUFFIX = '.done'
+PROGRESS_DIR = '.progress'   # the .done markers, out of the shards' `<split>.tfrecord-*`
+
+
+def done_marker(out_dir: str, shard_file: str) -> str:
+  """Path of the progress marker of shard `shard_file` of `out_dir`."""
+  return os.path.join(out_dir, PROGRESS_DIR, shard_file + DONE_SUFFIX)
 
 
 class BadFileError(ValueError):
@@ -258,7 +267,7 @@ def _write_json_atomic(path: str, obj) -> None:
 def finished_shard(out_dir: str, shard_file: str, fingerprint: str) -> dict | None:
   """The .done record of a shard that need not be rewritten, else None (module docstring)."""
   path = os.path.join(out_dir, shard_file)
-  done = _read_json(path + DONE_SUFFIX)
+  done = _read_json(done_marker(out_dir, shard_file))
   if not isinstance(done, dict) or done.get('fingerprint') != fingerprint:
     return None
   if not os.path.isfile(path) or os.path.getsize(path) != done.get('bytes'):
@@ -275,8 +284,9 @@ def convert_shard(task: dict) -> dict:
   start = time.time()
   out_dir, input_dir = task['output_dir'], task['input_dir']
   path = os.path.join(out_dir, task['file'])
-  if os.path.exists(path + DONE_SUFFIX):
-    os.remove(path + DONE_SUFFIX)  # the shard is about to change
+  marker = done_marker(out_dir, task['file'])
+  if os.path.exists(marker):
+    os.remove(marker)  # the shard is about to change
   read_example = importlib.import_module(task['reader_module']).read_example
   skipped, shapes = [], set()
   with tfrecord.TFRecordWriter(path) as writer:
@@ -301,7 +311,8 @@ def convert_shard(task: dict) -> dict:
           'fingerprint': task['fingerprint'], 'skipped': skipped,
           'image_shapes': sorted([list(s) for s in shapes]),
           'seconds': round(time.time() - start, 2)}
-  _write_json_atomic(path + DONE_SUFFIX, done)
+  os.makedirs(os.path.dirname(marker), exist_ok=True)
+  _write_json_atomic(marker, done)
   return done
 
 
@@ -327,17 +338,29 @@ def _num_shards(n: int, requested: int | None) -> int:
 
 
 _SHARD_RE = re.compile(
-    r'(?P<shard>(?P<split>.+)\.tfrecord-\d{5}-of-\d{5})(\.done)?(?P<tmp>\.tmp-\d+)?')
+    r'(?P<shard>(?P<split>.+)\.tfrecord-\d{5}-of-\d{5})(?P<done>\.done)?(?P<tmp>\.tmp-\d+)?')
 
 
 def _remove_stale_shards(out_dir: str, split: str, keep: set[str]) -> None:
   """Removes files of `split` left by an earlier run: shards of another shard count, and
-  temporary files of a run that was killed while writing."""
+  temporary files of a run that was killed while writing (shards and their markers).
+  Markers beside the shards (older versions) move into PROGRESS_DIR."""
+  progress = os.path.join(out_dir, PROGRESS_DIR)
   for f in sorted(os.listdir(out_dir)):
     m = _SHARD_RE.fullmatch(f)
-    if m and m.group('split') == split and (m.group('tmp') or m.group('shard') not in keep):
+    if not (m and m.group('split') == split):
+      continue
+    if m.group('tmp') or m.group('shard') not in keep:
       logging.info('removing %s (left by an earlier run)', f)
       os.remove(os.path.join(out_dir, f))
+    elif m.group('done'):  # an older version's marker: resume from it, out of the glob
+      os.makedirs(progress, exist_ok=True)
+      os.replace(os.path.join(out_dir, f), os.path.join(progress, f))
+  if os.path.isdir(progress):
+    for f in sorted(os.listdir(progress)):
+      m = _SHARD_RE.fullmatch(f)
+      if m and m.group('split') == split and (m.group('tmp') or m.group('shard') not in keep):
+        os.remove(os.path.join(progress, f))
 
 
 def convert(spec: DatasetSpec, plans: Sequence[SplitPlan], *, input_dir: str, output_dir: str,

@@ -7,11 +7,13 @@ experiment config with `define_config_flag` (big_vision's `--config file.py[:arg
 same behaviour on errors a user can fix: one line `error: <message>` on stderr and exit
 status 1; `--debug` (or ZEGFORMER_DEBUG=1) shows the traceback instead.
 """
+import errno
 import importlib.util
 import logging as std_logging
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Optional
 
 from absl import app
@@ -27,6 +29,23 @@ flags.DEFINE_bool('debug', False, 'Show the traceback of errors (also ZEGFORMER_
 # a bug and keeps its traceback.
 EXPECTED_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
                    FloatingPointError)
+
+# OSErrors the user can fix, whatever raised them: a full disk or quota, a read-only file
+# system, a file too big for it, no permission, a path through a regular file or into a
+# directory, an I/O error of the output device. Printed as one line like EXPECTED_ERRORS; the
+# writers of metrics, checkpoints and config.json raise them as `cannot write <path>:
+# <reason>` (metric_writers.CannotWriteError).
+USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EIO})
+# Errnos that only a write gives.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def is_user_error(e: BaseException) -> bool:
+  """Whether `e` is shown as one line `error: ...` (not a traceback): EXPECTED_ERRORS, an
+  OSError of USER_OS_ERRNOS, or an exception that says so (a true `user_error` attribute)."""
+  return (isinstance(e, EXPECTED_ERRORS) or getattr(e, 'user_error', False) is True
+          or (isinstance(e, OSError) and e.errno in USER_OS_ERRNOS))
 
 
 def define_config_flag(default: Optional[str] = None, name: str = 'config'):
@@ -72,9 +91,29 @@ def one_line(e: BaseException) -> str:
   return ' '.join(str(e).split()) or type(e).__name__
 
 
+def _raised_by_os(e: BaseException) -> bool:
+  """An OSError as the OS raised it: `[Errno N] <strerror>: '<filename>'`."""
+  return (isinstance(e, OSError) and e.errno is not None and bool(e.strerror)
+          and e.filename is not None and str(e).startswith('[Errno'))
+
+
+def _raised_in_makedirs(e: BaseException) -> bool:
+  frames = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+  return bool(frames) and frames[-1].name in ('makedirs', 'mkdir')
+
+
+def message_of(e: BaseException) -> str:
+  """The one-line message of `e`; an OSError of a write the OS refused (full disk,
+  read-only file system, a directory that cannot be made) reads `cannot write <path>:
+  <reason>`."""
+  if _raised_by_os(e) and (e.errno in WRITE_ERRNOS or _raised_in_makedirs(e)):
+    return f'cannot write {e.filename}: {e.strerror}'
+  return one_line(e)
+
+
 def error_line(e: BaseException) -> str:
   """`error: <message>` on one line (plus the process, on multi-process jobs)."""
-  message = one_line(e)
+  message = message_of(e)
   jax = sys.modules.get('jax')  # only when the program has started JAX
   if jax is not None and jax.process_count() > 1:
     message += f' (process {jax.process_index()} of {jax.process_count()})'
@@ -87,13 +126,86 @@ def run(main: Callable, argv=None) -> None:
   def guarded(args):
     try:
       return main(args)
-    except EXPECTED_ERRORS as e:
-      if debug_requested():
+    except Exception as e:  # pylint: disable=broad-except  (re-raised unless a user error)
+      if debug_requested() or not is_user_error(e):
         raise
       sys.exit(error_line(e))
 
   std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  quiet_libraries()
   app.run(guarded, argv=argv, flags_parser=parse_flags)
+
+
+# ------------------------------------------------------------------------ console output
+# One line per event: the program's own INFO lines (steps, evaluations, `resuming from`,
+# warnings) are shown; the INFO lines of libraries (orbax writes ~20 per checkpoint) are not,
+# unless --debug (or ZEGFORMER_DEBUG=1) or -v/--verbosity >= 1 asks for them. Warnings and
+# errors of libraries are shown, except the known noise below.
+
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                  + os.sep for d in ('zegformer_jax', 'data_prep', 'configs'))
+# (logger-name prefix, message prefix) of library records that say nothing to the user.
+LIBRARY_NOISE = (
+    # orbax on every read-only (evaluation, prediction) checkpoint manager.
+    ('', 'CheckpointManagerOptions.read_only=True, setting'),
+    ('', 'Given directory is read only='),
+    # orbax's background threads log an exception (with its traceback) that the main thread
+    # then raises itself: the CLI reports it once.
+    ('', '[process='),
+    # transformers, when a Flax CLIP model is made (FlaxCLIPModel: this project is Flax).
+    ('transformers', 'TensorFlow and JAX classes are deprecated and will be removed'),
+)
+
+
+def _verbose() -> bool:
+  if debug_requested():
+    return True
+  return flags.FLAGS.is_parsed() and int(flags.FLAGS['verbosity'].value) >= 1
+
+
+def _is_noise(record: std_logging.LogRecord) -> bool:
+  try:
+    message = record.getMessage()
+  except Exception:  # pylint: disable=broad-except  (a record that cannot format is shown)
+    return False
+  for logger, prefix in LIBRARY_NOISE:
+    if record.name.startswith(logger) and message.startswith(prefix):
+      if prefix == '[process=' and ' raised an exception' not in message:
+        continue
+      return True
+  return False
+
+
+class LibraryFilter(std_logging.Filter):
+  """Drops INFO/DEBUG records of libraries and LIBRARY_NOISE unless verbose."""
+
+  def filter(self, record):
+    if _verbose():
+      return True
+    if _is_noise(record):
+      return False
+    return record.levelno >= std_logging.WARNING or (record.pathname or '').startswith(
+        _OWN_DIRS)
+
+
+_LIBRARY_FILTER = LibraryFilter()
+# Loggers whose records do not reach the absl handler (transformers has its own handler).
+_OWN_HANDLER_LOGGERS = ('transformers.modeling_flax_utils', 'transformers.modeling_utils',
+                        'transformers.tokenization_utils_base',
+                        'transformers.feature_extraction_utils')
+
+
+def quiet_libraries() -> None:
+  """Installs LibraryFilter on the absl handler (every record of absl and Python logging
+  that is printed) and on the transformers loggers that print through their own handler."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if _LIBRARY_FILTER not in handler.filters:
+    handler.addFilter(_LIBRARY_FILTER)
+  for name in _OWN_HANDLER_LOGGERS:
+    logger = std_logging.getLogger(name)
+    if _LIBRARY_FILTER not in logger.filters:
+      logger.addFilter(_LIBRARY_FILTER)
 
 
 def _config_spec(argv) -> Optional[str]:

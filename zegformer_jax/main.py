@@ -90,8 +90,12 @@ def main(argv):
       raise checkpoints.no_checkpoint_error(workdir)
   config = prepare_project(config, workdir, for_training=training)
   if training and jax.process_index() == 0:   # readers (eval, predict) leave the run's own
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    # A changed config keeps the previous one as config.<n>.json (and a changed
+    # train.total_steps on resume is one warning line): metric_writers.record_config.
+    from zegformer_jax.training import checkpoints as ckpts
+    from zegformer_jax.training import metric_writers
+    metric_writers.record_config(workdir, config.to_json_best_effort(indent=2),
+                                 resuming=ckpts.has_checkpoint(workdir))
   logging.info('devices: %d (%d local), processes: %d', jax.device_count(),
                jax.local_device_count(), jax.process_count())
 

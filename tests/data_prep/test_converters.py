@@ -4,6 +4,7 @@ Tiny fake raw trees in each layout are converted and read back through the CRC-c
 readers; labels are compared pixel by pixel with hand-written expectations. The tests that
 run a converter's CLI in a subprocess are marked `slow`.
 """
+import glob
 import hashlib
 import io
 import json
@@ -248,8 +249,14 @@ def test_coco_resume(tmp_path):
   out = str(tmp_path / 'out')
   args = dict(num_shards=2, workers=0)
   info1 = coco_stuff.convert(raw, out, **args)
-  shards = sorted(f for f in os.listdir(out) if '.tfrecord-' in f and not f.endswith('.done'))
-  assert len(shards) == 8 and all(os.path.isfile(os.path.join(out, f + '.done')) for f in shards)
+  shards = sorted(f for f in os.listdir(out) if '.tfrecord-' in f)
+  assert len(shards) == 8 and all(
+      os.path.isfile(os.path.join(out, common.PROGRESS_DIR, f + '.done')) for f in shards)
+  # The shard patterns readers use match shards only (the markers live in .progress/).
+  for split in sorted(info1['splits']):
+    found = sorted(glob.glob(os.path.join(out, f'{split}.tfrecord-*')))
+    assert found == [os.path.join(out, f) for f in shards if f.startswith(split + '.')], found
+    assert len(found) == 2 and all(tfrecord.index_records(f).size for f in found)
   mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in shards}
   info2 = coco_stuff.convert(raw, out, **args)
   assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in shards} == mtimes
@@ -265,10 +272,22 @@ def test_coco_resume(tmp_path):
     same = os.stat(os.path.join(out, f)).st_mtime_ns == mtimes.get(f)
     assert same == (f not in rebuilt), f
   assert len(_records(out, 'val_all')) == 2 and len(_records(out, 'train')) == 4
+  # Markers beside the shards (written by older versions) are moved and resumed from.
+  progress = os.path.join(out, common.PROGRESS_DIR)
+  for f in shards:
+    os.replace(os.path.join(progress, f + '.done'), os.path.join(out, f + '.done'))
+  mtimes = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in shards}
+  coco_stuff.convert(raw, out, **args)
+  assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in shards} == mtimes
+  assert sorted(os.listdir(progress)) == sorted(f + '.done' for f in shards)
+  assert not glob.glob(os.path.join(out, '*.done'))
   # Another shard count replaces the old shard files; a killed run's temp file goes too.
   open(os.path.join(out, 'train.tfrecord-00000-of-00002.tmp-12345'), 'wb').close()
   coco_stuff.convert(raw, out, num_shards=1, workers=0)
   assert not [f for f in os.listdir(out) if f.startswith('train.') and '-of-00002' in f]
+  assert not [f for f in os.listdir(progress) if f.startswith('train.') and '-of-00002' in f]
+  assert glob.glob(os.path.join(out, 'train.tfrecord-*')) == [
+      os.path.join(out, 'train.tfrecord-00000-of-00001')]
   assert len(_records(out, 'train')) == 4
 
 

@@ -144,3 +144,132 @@ def test_shading_keeps_the_hue_and_rejects_mismatched_sizes():
   with pytest.raises(ValueError, match='ground truth'):
     predict.overlay_figure(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), int), ['a'],
                            ground_truth=np.zeros((4, 5), int))
+
+
+# ----------------------------------------------------------------------------- text sizes, fonts
+
+
+def _text_sizes(fig):
+  leg = fig.legends[0]
+  return ({t.get_fontsize() for t in leg.get_texts()}, leg.get_title().get_fontsize(),
+          fig.axes[0].title.get_fontsize())
+
+
+def test_text_grows_with_the_panels():
+  """The legend and titles keep their size relative to the picture: 12 pt on 384-px panels,
+  proportionally more on larger ones (capped at 3x)."""
+  sizes = {}
+  for h, w in ((64, 64), (600, 800), (1024, 1000), (2000, 3000)):
+    labels = _labels(h, w, [1, 2])
+    fig = predict.overlay_figure(np.full((h, w, 3), WHITE, np.uint8), labels, NAMES)
+    texts, legend_title, panel_title = _text_sizes(fig)
+    panel = fig.axes[1].images[0].get_array().shape[:2]
+    assert len(texts) == 1 and legend_title == next(iter(texts))
+    sizes[(h, w)] = (next(iter(texts)), panel_title, panel)
+  assert sizes[(64, 64)][:2] == (12, 13) and sizes[(64, 64)][2] == (384, 384)
+  assert sizes[(600, 800)][0] == pytest.approx(12 * 600 / 384)          # short side 600 px
+  assert sizes[(1024, 1000)][0] == pytest.approx(12 * 1000 / 384)
+  assert sizes[(2000, 3000)][2] == (683, 1024)                         # shrunk to the display
+  assert sizes[(2000, 3000)][0] == pytest.approx(12 * 683 / 384)
+  # Text height in pixels relative to the panel: the same for small and large panels.
+  ratio = [sizes[k][0] / min(sizes[k][2]) for k in ((64, 64), (600, 800), (1024, 1000))]
+  assert max(ratio) == pytest.approx(min(ratio))
+
+
+def test_large_images_are_shrunk_before_blending():
+  """A 3000 x 2000 photo is blended at display size (1024 px long side), 1:1 on screen; the
+  legend still counts full-resolution pixels, so a class of a few pixels is listed."""
+  h, w = 2000, 3000
+  labels = _labels(h, w, [4, 9])
+  labels[5:7, 5:7] = 13                                            # 4 pixels: gone when shrunk
+  image = np.full((h, w, 3), WHITE, np.uint8)
+  fig = predict.overlay_figure(image, labels, NAMES)
+  panel = fig.axes[1].images[0].get_array()
+  assert panel.shape == (683, 1024, 3)
+  bbox = fig.axes[1].get_window_extent()
+  assert (bbox.width, bbox.height) == pytest.approx((1024, 683), abs=1)
+  assert _legend(fig)[0] == ['class 4', 'class 9', 'class 13']
+  colours = predict.palette(len(NAMES))
+  np.testing.assert_array_equal(panel[300, 200], colours[4])
+  assert fig.axes[0].get_title() == 'input (3000x2000 px, shown x0.341333)'
+
+
+def _cjk_test_font(path, chars, family):
+  """A TrueType font with one glyph (a filled bar) for each of `chars`."""
+  from fontTools.fontBuilder import FontBuilder
+  from fontTools.pens.ttGlyphPen import TTGlyphPen
+  names = ['.notdef'] + [f'uni{ord(c):04X}' for c in chars]
+  fb = FontBuilder(1000, isTTF=True)
+  fb.setupGlyphOrder(names)
+  fb.setupCharacterMap({ord(c): n for c, n in zip(chars, names[1:])})
+  glyphs = {}
+  for n in names:
+    pen = TTGlyphPen(None)
+    pen.moveTo((100, 300))
+    pen.lineTo((900, 300))
+    pen.lineTo((900, 500))
+    pen.lineTo((100, 500))
+    pen.closePath()
+    glyphs[n] = pen.glyph()
+  fb.setupGlyf(glyphs)
+  fb.setupHorizontalMetrics({n: (1000, 100) for n in names})
+  fb.setupHorizontalHeader(ascent=880, descent=-120)
+  fb.setupNameTable({'familyName': family, 'styleName': 'Regular'})
+  fb.setupOS2(sTypoAscender=880, sTypoDescender=-120, usWinAscent=880, usWinDescent=120)
+  fb.setupPost()
+  fb.save(str(path))
+
+
+@pytest.fixture
+def cjk_font(tmp_path):
+  """A font with 猫 and 犬, installed into matplotlib's font list for the test."""
+  from matplotlib import font_manager
+  path = tmp_path / 'zeg_test_cjk.ttf'
+  _cjk_test_font(path, '猫犬', 'ZegTest CJK')
+  before = list(font_manager.fontManager.ttflist)
+  font_manager.fontManager.addfont(str(path))
+  yield 'ZegTest CJK'
+  font_manager.fontManager.ttflist[:] = before
+  font_manager.fontManager._findfont_cached.cache_clear()   # pylint: disable=protected-access
+
+
+def _glyph_warnings(fig):
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    fig.canvas.draw()
+  return [str(w.message) for w in caught if 'missing from font' in str(w.message)]
+
+
+def test_cjk_class_names_use_a_font_that_has_them(cjk_font, caplog):
+  names = ['cat 猫', 'dog 犬', 'sky']
+  labels = _labels(64, 64, [0, 1, 2])
+  assert predict.font_families(names) == ['DejaVu Sans', cjk_font]
+  fig = predict.overlay_figure(np.full((64, 64, 3), WHITE, np.uint8), labels, names)
+  texts = fig.legends[0].get_texts()
+  assert [t.get_text() for t in texts] == names
+  assert all(t.get_fontfamily() == ['DejaVu Sans', cjk_font] for t in texts)
+  assert _glyph_warnings(fig) == []                 # matplotlib found every glyph
+  assert not [r for r in caplog.records if 'no installed font' in r.getMessage()]
+  # Without the fallback, the same names are drawn as boxes (matplotlib says so).
+  for t in texts:
+    t.set_fontfamily(['DejaVu Sans'])
+  assert len(_glyph_warnings(fig)) == 2
+
+
+def test_names_no_font_can_show_are_warned_about_once(caplog, tmp_path):
+  from matplotlib import font_manager
+  rare = '\U0002A6A5'   # a CJK Extension B ideograph few fonts have
+  if any(0x2A6A5 in predict._font_codepoints(e.fname) for e in font_manager.fontManager.ttflist
+         if not e.name.startswith('Last Resort')):   # (matplotlib's placeholder boxes)
+    pytest.skip('an installed font has U+2A6A5')
+  names = [f'dragon {rare}', 'sea']
+  labels = _labels(64, 64, [0, 1])
+  with caplog.at_level('WARNING'):
+    for _ in range(2):
+      predict.overlay(np.full((64, 64, 3), WHITE, np.uint8), labels, names,
+                      str(tmp_path / 'o.png'))
+  warned = [r.getMessage() for r in caplog.records if 'no installed font' in r.getMessage()]
+  assert warned == [f"no installed font has glyphs for {rare}: 'dragon {rare}' show as boxes "
+                    'in the overlays; install a font that has them (e.g. Noto Sans CJK: '
+                    'apt-get install fonts-noto-cjk)']

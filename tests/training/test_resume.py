@@ -8,10 +8,15 @@ was never interrupted.
   * SIGTERM: the run saves a checkpoint, prints `preempted at step N`, exits with status 0,
     and the next run resumes from it (no regular checkpoints in that run, so the one it
     resumes from is the preemption checkpoint).
+  * the latest checkpoints damaged (a truncated data file, a malformed JSON file): the run
+    names them in one warning line, moves them aside and resumes from the newest intact one.
 Each ends with the exact parameter fingerprint and loss curve of the uninterrupted run.
 """
+import glob
+import json
 import os
 import random
+import shutil
 import signal
 
 import pytest
@@ -106,3 +111,35 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, smoke_resources, compile
   summary = cli_runs.summary(workdir)
   assert summary['preempted'] and summary['final_step'] == saved[0]
   _resume_and_compare(workdir, resources, cache, reference, overrides)
+
+
+def test_damaged_latest_checkpoints_resume_from_the_newest_intact(tmp_path, smoke_resources,
+                                                                  compile_cache, cached_run):
+  """Issue 20, items 1-3: the latest checkpoint truncated, the one before it with a malformed
+  data-iterator JSON: the run names both in one warning line, moves them aside, resumes from
+  the newest intact one (3) and ends exact, each step logged once in metrics.jsonl."""
+  reference = _reference(cached_run)
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(cached_run('resume_reference', OVERRIDES), workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  assert cli_runs.checkpoint_steps(workdir) == [3, 4, 5]
+  data_files = glob.glob(os.path.join(ckpt_dir, '5', 'state', 'ocdbt.process_*', 'd', '*'))
+  largest = max(data_files, key=os.path.getsize)
+  os.truncate(largest, os.path.getsize(largest) // 3)
+  bad_json = os.path.join(ckpt_dir, '4', 'data', 'process_0-of-1.json')
+  with open(bad_json, 'w') as f:
+    f.write('{"next_index": ')
+  result = _resume_and_compare(workdir, smoke_resources, compile_cache, reference)
+  print(result.stdout)
+  warnings = [l for l in result.stdout.splitlines() if l.startswith('warning:')]
+  assert len(warnings) == 1, result.stdout
+  assert warnings[0].startswith(f'warning: unreadable checkpoints {ckpt_dir}/5 (OUT_OF_RANGE')
+  assert f'{ckpt_dir}/4 ({bad_json} is not valid JSON' in warnings[0]
+  assert warnings[0].endswith(f'moved to {ckpt_dir}.unreadable; using step 3, the newest '
+                              'intact one')
+  assert 'Traceback' not in result.stderr and 'never retrieved' not in result.stderr
+  assert sorted(os.listdir(ckpt_dir + '.unreadable')) == ['4', '5']
+  assert cli_runs.checkpoint_steps(workdir) == [3, 4, 5]   # 4 and 5 written again
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    steps = [json.loads(line)['step'] for line in f]
+  assert steps == [1, 2, 3, 4, 5]   # the interrupted run's 4 and 5 are not kept twice

@@ -1126,6 +1126,55 @@ def test_zegformer_checkpoint_parity(tmp_path, tiny, clip_state, tokenizer_dir):
       json.loads((tmp_path / 'clip_alone' / 'config.json').read_text())
 
 
+def test_load_model_runs_a_converted_checkpoint(tmp_path, tiny):
+  """store.load_model(config, DIR): the model of the config with the checkpoint's weights;
+  its forward equals the numpy forward of the source arrays. A backbone-only DIR keeps the
+  seed's initial values elsewhere."""
+  cfg, sd = tiny
+  write_torch_zip(tmp_path / 'zeg.pth', {'model': collections.OrderedDict(sd)})
+  convert.convert('zegformer', str(tmp_path / 'zeg.pth'), str(tmp_path / 'imported'),
+                  model_config=cfg)
+  # An experiment config or its model sub-config, as the README shows.
+  config = ml_collections.ConfigDict({'model': cfg.to_dict()})
+  model, variables = store.load_model(config, str(tmp_path / 'imported'))
+  assert isinstance(model, zegformer.ZegFormer) and set(variables) == {'params', 'frozen'}
+  assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(variables))
+  rng = np.random.default_rng(8)
+  images = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+  text = rng.standard_normal((4, cfg.embed_dim))
+  text = (text / np.linalg.norm(text, axis=-1, keepdims=True)).astype(np.float32)
+  out = jax.jit(lambda v, x, t: model.apply(v, x, t, train=False))(
+      variables, jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(text))
+  want = np_zegformer(sd, images.astype(np.float64), text.astype(np.float64), cfg)
+  _report('load_model pred_masks', out['pred_masks'], want['pred_masks'])
+  _report('load_model Eq.1 logits', out['pred_logits'], want['pred_logits'])
+
+  # Backbone only: the backbone from the file, everything else the seed's initial values.
+  d2 = _tiny_backbone_state(tiny)
+  with open(tmp_path / 'R-tiny.pkl', 'wb') as f:
+    pickle.dump({'model': d2}, f)
+  convert.convert('d2-resnet', str(tmp_path / 'R-tiny.pkl'), str(tmp_path / 'backbone'),
+                  model_config=cfg)
+  _, partial = store.load_model(cfg, str(tmp_path / 'backbone'), seed=3)
+  initial = zegformer.init_variables(zegformer.build_model(cfg), jax.random.key(3))
+  np.testing.assert_array_equal(partial['params']['backbone']['stem']['conv1']['kernel'],
+                                d2['stem.conv1.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(partial['frozen']['backbone']['res2_0']['conv1']['norm']['var'],
+                                d2['res2.0.conv1.norm.running_var'])
+  np.testing.assert_array_equal(partial['params']['transformer']['norm']['scale'],
+                                initial['params']['transformer']['norm']['scale'])
+  np.testing.assert_array_equal(partial['params']['no_object_embedding'],
+                                initial['params']['no_object_embedding'])
+
+  # Not a store, or a store of another model size: one error naming the directory.
+  with pytest.raises(FileNotFoundError, match='no convert_meta.json'):
+    store.load_model(cfg, str(tmp_path))
+  other = ml_collections.ConfigDict(cfg.to_dict())
+  other.decoder.hidden_dim = 48
+  with pytest.raises(ValueError, match='imported: .* has shape .* was it converted for another'):
+    store.load_model(other, str(tmp_path / 'imported'))
+
+
 def _write_clip_archive(tmp_path, clip_state):
   """OpenAI's ViT archive layout: TorchScript objects, fp16, attn_mask attributes."""
   path = tmp_path / 'ViT-tiny.pt'
@@ -1184,6 +1233,141 @@ def test_openai_clip_parity(tmp_path, clip_state, tokenizer_dir):
     openai_clip.openai_clip_to_hf(bad, vision_heads=2, allow_missing=['visual.extra_bias'])
 
 
+class _OpenAIBPE:
+  """OpenAI CLIP's SimpleTokenizer (clip/simple_tokenizer.py), re-implemented as the oracle:
+  vocabulary, merge ranks and byte-level BPE over `bpe_path` (ftfy's fix_text left out: the
+  texts here are clean)."""
+
+  def __init__(self, bpe_path):
+    import gzip
+    bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('\u00a1'), ord('\u00ac') + 1)) +
+          list(range(ord('\u00ae'), ord('\u00ff') + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(2 ** 8):
+      if b not in bs:
+        bs.append(b)
+        cs.append(2 ** 8 + n)
+        n += 1
+    self.byte_encoder = dict(zip(bs, [chr(c) for c in cs]))
+    merges = gzip.open(bpe_path).read().decode('utf-8').split('\n')
+    merges = merges[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges if m]   # (a tiny file ends with its newline)
+    vocab = list(self.byte_encoder.values())
+    vocab = vocab + [v + '</w>' for v in vocab]
+    for merge in merges:
+      vocab.append(''.join(merge))
+    vocab.extend(['<|startoftext|>', '<|endoftext|>'])
+    self.encoder = dict(zip(vocab, range(len(vocab))))
+    self.bpe_ranks = dict(zip(merges, range(len(merges))))
+
+  def bpe(self, token):
+    word = tuple(token[:-1]) + (token[-1] + '</w>',)
+    while len(word) > 1:
+      pairs = {(a, b) for a, b in zip(word[:-1], word[1:])}
+      bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float('inf')))
+      if bigram not in self.bpe_ranks:
+        break
+      first, second = bigram
+      new_word, i = [], 0
+      while i < len(word):
+        try:
+          j = word.index(first, i)
+        except ValueError:
+          new_word.extend(word[i:])
+          break
+        new_word.extend(word[i:j])
+        i = j
+        if word[i] == first and i < len(word) - 1 and word[i + 1] == second:
+          new_word.append(first + second)
+          i += 2
+        else:
+          new_word.append(word[i])
+          i += 1
+      word = tuple(new_word)
+    return word
+
+  def encode(self, text):
+    import html
+    import regex
+    text = html.unescape(html.unescape(text)).strip()
+    text = regex.sub(r'\s+', ' ', text).strip().lower()
+    pat = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+                        r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+    ids = []
+    for token in regex.findall(pat, text):
+      token = ''.join(self.byte_encoder[b] for b in token.encode('utf-8'))
+      ids.extend(self.encoder[t] for t in self.bpe(token))
+    return ([self.encoder['<|startoftext|>']] + ids + [self.encoder['<|endoftext|>']])
+
+
+def _write_openai_bpe_file(path, texts):
+  """A tiny bpe_simple_vocab_16e6.txt.gz: OpenAI's header line, then merges "a b"."""
+  import gzip
+  from zegformer_jax.modeling import clip
+  _, merges = clip._train_bpe(texts)
+  made, kept = set(), []
+  for a, b in merges:   # OpenAI's vocabulary lists every merge's token: keep them distinct
+    if a + b not in made:
+      made.add(a + b)
+      kept.append((a, b))
+  with gzip.open(path, 'wt', encoding='utf-8') as f:
+    f.write('"bpe_simple_vocab_16e6.txt#version: 0.2\n')
+    f.writelines(f'{a} {b}\n' for a, b in kept)
+  return kept
+
+
+def test_openai_bpe_vocab_file_makes_the_tokenizer(tmp_path):
+  """--bpe_vocab bpe_simple_vocab_16e6.txt.gz: vocab.json + merges.txt that CLIPTokenizerFast,
+  loaded by load_clip, turns into the ids of OpenAI's own SimpleTokenizer."""
+  from zegformer_jax.modeling import clip
+  bpe = tmp_path / 'bpe_simple_vocab_16e6.txt.gz'
+  merges = _write_openai_bpe_file(bpe, ['a photo of a cat', 'a red circle in the sand',
+                                        "the sky's colour", 'photographs of cats'])
+  oracle = _OpenAIBPE(str(bpe))
+  vocab = len(oracle.encoder)
+  assert vocab == 512 + len(merges) + 2
+  state = random_clip_state(openai_clip_shapes(vocab), seed=4)
+  out = tmp_path / 'hf_clip'
+  meta = convert.convert('openai-clip', _write_clip_archive(tmp_path, state), str(out),
+                         bpe_vocab=str(bpe), clip_vision_heads=2)
+  assert meta['clip']['tokenizer_files'] == ['vocab.json', 'merges.txt']
+  assert not any('no tokenizer' in n for n in meta['notes'])
+  assert json.loads((out / 'vocab.json').read_text(encoding='utf-8')) == oracle.encoder
+  config = json.loads((out / 'config.json').read_text())['text_config']
+  assert (config['bos_token_id'], config['eos_token_id']) == (vocab - 2, vocab - 1)
+
+  model, tokenizer = clip.load_clip(str(out))
+  texts = ['a photo of a cat.', 'A  red circle, in the SAND!', "the sky's colour",
+           'photographs of 2 cats', 'caf\u00e9 au lait', 'zebra']
+  ids, mask = clip.tokenize(tokenizer, texts, clip.context_length(model))
+  for row, text in enumerate(texts):
+    want = oracle.encode(text)
+    assert ids[row][mask[row] == 1].tolist() == want, text
+  # Merged tokens are used (not only byte characters): 'photo</w>' is one token.
+  assert oracle.encoder['photo</w>'] in ids[0]
+
+  # Errors: a vocabulary of another size than the checkpoint's, not a merges file, both.
+  other = tmp_path / 'other.txt.gz'
+  _write_openai_bpe_file(other, ['a photo of a dog'])
+  with pytest.raises(accounting.ConversionError, match='the BPE vocabulary has .* tokens but '
+                     f'token_embedding has {vocab} rows'):
+    convert.convert('openai-clip', _write_clip_archive(tmp_path, state), str(tmp_path / 'o2'),
+                    bpe_vocab=str(other), clip_vision_heads=2)
+  html_page = tmp_path / 'page.txt.gz'
+  html_page.write_bytes(b'<!DOCTYPE html>\n<html><body>moved</body></html>\n')
+  with pytest.raises(accounting.ConversionError, match='page.txt.gz is not a BPE merges file '
+                     'like bpe_simple_vocab_16e6.txt.gz: it looks like an HTML page'):
+    openai_clip.openai_bpe_vocab(str(html_page))
+  text = tmp_path / 'notes.txt'
+  text.write_text('header\nthese are three\n')
+  with pytest.raises(accounting.ConversionError, match="line 2 is 'these are three', not a merge"):
+    openai_clip.openai_bpe_vocab(str(text))
+  with pytest.raises(ValueError, match='not both'):
+    convert.convert('openai-clip', _write_clip_archive(tmp_path, state), str(tmp_path / 'o3'),
+                    bpe_vocab=str(bpe), tokenizer_dir=str(out), clip_vision_heads=2)
+
+
 # =============================================================================================
 # The CLI, once, in a subprocess.
 
@@ -1222,6 +1406,64 @@ def test_cli_subprocess_d2_resnet_into_shapesworld(tmp_path):
   run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and run.stderr.startswith('error: ') and 'exists' in run.stderr
   assert run.stderr.count('\n') == 1
+
+
+def _bad_checkpoints(tmp_path):
+  """{file name: (contents, the error line the command prints)} of files that are not
+  checkpoints or are cut short; every line names the file as the user gave it."""
+  rng = np.random.default_rng(5)
+  sd = {'stem.conv1.weight': rng.standard_normal((8, 3, 7, 7)).astype(np.float32),
+        'res2.0.conv1.weight': rng.standard_normal((8, 8, 1, 1)).astype(np.float32)}
+  write_torch_zip(tmp_path / 'full.pth', {'model': sd})
+  write_legacy_torch(tmp_path / 'full_legacy.pth', {'model': sd})
+  zipped = (tmp_path / 'full.pth').read_bytes()
+  legacy = (tmp_path / 'full_legacy.pth').read_bytes()
+  plain = pickle.dumps({'model': sd}, protocol=2)
+  garbage = bytes([7]) + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+  html = (b'<!DOCTYPE html>\n<html lang="en"><head><title>Sign in</title></head>\n'
+          b'<body><form action="/login">...</form></body></html>\n')
+  redo = '(an interrupted download or copy? fetch the file again)'
+  page = ('it looks like an HTML page (a web page saved instead of the file: a login, error '
+          'or redirect page?)')
+  # The legacy file ends with the raw bytes of its last storage, key '1' (TorchPickler
+  # numbers storages in pickling order): 64 float32 values, of which 100 bytes are cut off.
+  return {
+      'garbage.pth': (garbage, 'error: garbage.pth is not a PyTorch checkpoint: it looks like '
+                               'binary data of an unknown format'),
+      'model.pth': (html, f'error: model.pth is not a PyTorch checkpoint: {page}'),
+      'model.safetensors': (html, f'error: model.safetensors is not a safetensors file: {page}'),
+      'lfs.pth': (b'version https://git-lfs.github.com/spec/v1\noid sha256:' + b'0' * 64 +
+                  b'\nsize 102400\n',
+                  'error: lfs.pth is not a PyTorch checkpoint: it looks like a Git LFS pointer '
+                  '(the file itself was never fetched: run `git lfs pull`)'),
+      'cut_zip.pth': (zipped[:len(zipped) // 2],
+                      f'error: cut_zip.pth is truncated: a zip archive (the PyTorch checkpoint '
+                      f'format) without its end, {len(zipped) // 2} bytes {redo}'),
+      'cut_legacy.pth': (legacy[:-100], 'error: cut_legacy.pth is truncated: storage 1 has '
+                                        f'156 of its 256 bytes {redo}'),
+      'cut_plain.pkl': (plain[:200], 'error: cut_plain.pkl is truncated: its pickle data stops '
+                                     f'early, at 200 bytes {redo}'),
+      'empty.pth': (b'', f'error: empty.pth is empty (0 bytes), not a PyTorch checkpoint {redo}'),
+  }
+
+
+def test_cli_not_a_checkpoint_or_truncated_is_one_line(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  for name, (data, line) in _bad_checkpoints(tmp_path).items():
+    (tmp_path / name).write_bytes(data)
+    # In-process: a ValueError with the message (the command prints it after 'error: ').
+    with pytest.raises(ValueError) as e:
+      accounting.read_tensors(str(tmp_path / name))
+    assert f'error: {e.value}'.replace(str(tmp_path) + '/', '') == line, name
+  for name in ('model.pth', 'cut_zip.pth', 'cut_legacy.pth', 'garbage.pth'):
+    run = subprocess.run(
+        [sys.executable, '-m', 'zegformer_jax.weights.convert', '--from', 'd2-resnet',
+         '--input', name, '--output', 'out'], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines() == [_bad_checkpoints(tmp_path)[name][1]], run.stderr
+    assert not (tmp_path / 'out').exists()
 
 
 # =============================================================================================

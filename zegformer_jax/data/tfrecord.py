@@ -7,9 +7,7 @@ Framing (identical to TensorFlow's, so tf.data.TFRecordDataset reads these files
 
 with masked_crc(c) = ((c >> 15) | (c << 17)) + 0xa282ead8 (mod 2**32).
 
-CRC32C (Castagnoli) comes from the `google_crc32c` or `crc32c` extension module when one is
-importable; otherwise from a numpy implementation that processes many 32-byte lanes of the
-data at once and combines the lane CRCs with the linearity of CRCs (see `_crc32c_numpy`).
+CRC32C (Castagnoli) comes from google-crc32c's C extension (a declared dependency).
 
 Examples use the tf.train.Example protobuf as shipped by tensorflow_datasets
 (`tensorflow_datasets.proto.tf_example_generated_pb2`), which needs no TensorFlow. The
@@ -24,7 +22,6 @@ written there (`write_dataset_info` / `read_dataset_info`; layout in `write_data
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -44,7 +41,6 @@ DATASET_INFO_FILE = 'dataset_info.json'
 DATASET_INFO_VERSION = 1
 
 _MASK_DELTA = 0xA282EAD8
-_POLY = 0x82F63B78  # CRC32C, reflected.
 _HEADER = struct.Struct('<QI')
 _FOOTER = struct.Struct('<I')
 
@@ -56,135 +52,23 @@ class TFRecordError(ValueError):
 # ----------------------------------------------------------------------------- CRC32C
 
 
-def _make_byte_table() -> np.ndarray:
-  """table[i]: CRC register after feeding byte i into a zero register (no init, no xorout)."""
-  t = np.arange(256, dtype=np.uint32)
-  for _ in range(8):
-    t = np.where(t & 1, (t >> 1) ^ np.uint32(_POLY), t >> 1).astype(np.uint32)
-  return t
+def _google_crc32c():
+  """google_crc32c's value function (a declared dependency)."""
+  import google_crc32c  # pylint: disable=g-import-not-at-top
+  if google_crc32c.implementation != 'c':  # a platform without its wheel: pure Python, slow
+    import logging  # pylint: disable=g-import-not-at-top
+    logging.getLogger(__name__).warning(
+        'google-crc32c runs without its C extension: TFRecord CRCs are slow; reinstall it '
+        'with a compiler available (pip install --force-reinstall google-crc32c)')
+  return google_crc32c.value
 
 
-_BYTE_TABLE = _make_byte_table()
-_BYTE_TABLE_LIST = [int(v) for v in _BYTE_TABLE]
-
-
-def crc32c_python(data: bytes, crc: int = 0) -> int:
-  """Reference CRC32C, one byte at a time. `crc` continues a previous CRC (0 to start)."""
-  t = _BYTE_TABLE_LIST
-  c = crc ^ 0xFFFFFFFF
-  for b in bytes(data):
-    c = t[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-# A CRC without init/xorout is linear over GF(2) in the register, so "feed n zero bytes" is a
-# 32x32 bit matrix. It is stored as two 65536-entry tables (low and high 16 bits of the
-# register) so that applying it to a whole uint32 array costs two gathers and one xor.
-
-
-def _apply_cols(cols: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """Applies the linear map with columns cols[k] = f(1 << k) to every uint32 in x."""
-  out = np.zeros(x.shape, np.uint32)
-  for k in range(32):
-    out ^= np.where((x >> np.uint32(k)) & np.uint32(1), cols[k], np.uint32(0))
-  return out
-
-
-def _tables_from_cols(cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  lo = np.zeros(1, np.uint32)
-  hi = np.zeros(1, np.uint32)
-  for k in range(16):  # doubling: entries with bit k set = entries without it ^ column k
-    lo = np.concatenate([lo, lo ^ cols[k]])
-    hi = np.concatenate([hi, hi ^ cols[16 + k]])
-  return lo, hi
-
-
-def _apply_tables(tables: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
-  lo, hi = tables
-  return lo[x & np.uint32(0xFFFF)] ^ hi[x >> np.uint32(16)]
-
-
-@functools.lru_cache(maxsize=None)
-def _zero_bytes_cols(n: int) -> np.ndarray:
-  """Columns of the map 'register -> register after feeding n zero bytes'."""
-  if n == 0:
-    return (np.uint32(1) << np.arange(32, dtype=np.uint32)).astype(np.uint32)
-  if n == 1:
-    basis = (np.uint32(1) << np.arange(32, dtype=np.uint32)).astype(np.uint32)
-    return _BYTE_TABLE[basis & np.uint32(0xFF)] ^ (basis >> np.uint32(8))
-  half = _zero_bytes_cols(n // 2)
-  cols = _apply_cols(half, half)  # half o half
-  if n % 2:
-    cols = _apply_cols(_zero_bytes_cols(1), cols)
-  return cols
-
-
-@functools.lru_cache(maxsize=None)
-def _zero_bytes_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
-  return _tables_from_cols(_zero_bytes_cols(n))
-
-
-_LANE_WORDS = 8  # 32-byte lanes
-_NUMPY_MIN_BYTES = 512
-
-
-def _crc32c_numpy(data: bytes) -> int:
-  """CRC32C of `data` with numpy, vectorised over lanes.
-
-  The data is left-padded with zeros to K * 32 bytes (K a power of two) and cut into K
-  lanes. All lanes advance together one little-endian word at a time (for a reflected
-  32-bit CRC, feeding word w into register s gives Z4(s ^ w), Z4 = 'feed 4 zero bytes').
-  Lanes are then merged pairwise, crc(A || B) = Z_len(B)(crc(A)) ^ crc(B), log2(K) times.
-  Leading zeros do not change a zero register, and the 0xFFFFFFFF initial value equals
-  complementing the first 4 data bytes, so the padding is harmless.
-  """
-  n = len(data)
-  lane_bytes = 4 * _LANE_WORDS
-  lanes = max(1, -(-n // lane_bytes))
-  lanes = 1 << (lanes - 1).bit_length()
-  buf = np.zeros(lanes * lane_bytes, np.uint8)
-  start = buf.size - n
-  buf[start:] = np.frombuffer(data, np.uint8)
-  buf[start:start + 4] ^= np.uint8(0xFF)  # initial register 0xFFFFFFFF
-  words = buf.view('<u4').reshape(lanes, _LANE_WORDS).T.copy()  # [words, lanes], rows contiguous
-  z4 = _zero_bytes_tables(4)
-  state = np.zeros(lanes, np.uint32)
-  for t in range(_LANE_WORDS):
-    state = _apply_tables(z4, state ^ words[t])
-  length = lane_bytes
-  while state.size > 1:
-    state = _apply_tables(_zero_bytes_tables(length), state[0::2]) ^ state[1::2]
-    length *= 2
-  return int(state[0]) ^ 0xFFFFFFFF
-
-
-def _crc32c_fallback(data: bytes) -> int:
-  if len(data) < _NUMPY_MIN_BYTES:
-    return crc32c_python(data)
-  return _crc32c_numpy(bytes(data))
-
-
-def _find_extension():
-  try:
-    import google_crc32c  # pylint: disable=g-import-not-at-top
-    if google_crc32c.implementation == 'c':
-      return 'google_crc32c', lambda b: int(google_crc32c.value(bytes(b)))
-  except (ImportError, AttributeError):
-    pass
-  try:
-    import crc32c as crc32c_mod  # pylint: disable=g-import-not-at-top
-    return 'crc32c', lambda b: int(crc32c_mod.crc32c(bytes(b)))
-  except (ImportError, AttributeError):
-    pass
-  return 'numpy', _crc32c_fallback
-
-
-CRC32C_IMPLEMENTATION, _crc32c_impl = _find_extension()
+_crc32c_value = _google_crc32c()
 
 
 def crc32c(data: bytes) -> int:
   """CRC32C (Castagnoli) of `data`: crc32c(b'123456789') == 0xE3069283."""
-  return _crc32c_impl(data)
+  return int(_crc32c_value(bytes(data)))
 
 
 def masked_crc32c(data: bytes) -> int:

@@ -24,9 +24,10 @@ from zegformer_jax.evaluation import metrics as metrics_lib
 from zegformer_jax.evaluation import oracles
 from zegformer_jax.evaluation import plots
 from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import methods
 from zegformer_jax.modeling import segmenter
 from zegformer_jax.modeling import tta
-from zegformer_jax.modeling import zegformer
+from zegformer_jax.training import metric_writers
 from zegformer_jax.training import sharding
 from zegformer_jax.training import state as state_lib
 
@@ -41,8 +42,9 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
   count. `ignore_value` defaults to config.dataset.ignore_value.
   """
   oracles_on, boundary_on = bool(config.eval.oracles), bool(config.eval.boundary)
+  grouping_on = oracles_on and has_segments(config)
   scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model,
-                                    view_shapes, with_masks=oracles_on)
+                                    view_shapes, with_masks=grouping_on)
   ignore = config.dataset.ignore_value if ignore_value is None else ignore_value
 
   def step(acc, params, frozen, batch, *args):
@@ -58,7 +60,7 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
         key = f'{ORACLE_CLASSIFICATION}_{v}'
         new[key] = confs[key] + oracles.classification_oracle_confusion(
             out[v], batch['label'], num_classes, ignore, valid)
-    if oracles_on:     # ground-truth classes on predicted segments (no variant involved)
+    if grouping_on:    # ground-truth classes on predicted segments (no variant involved)
       new[ORACLE_GROUPING] = confs[ORACLE_GROUPING] + oracles.grouping_oracle_confusion(
           out['masks'], batch['label'], num_classes, ignore, valid)
     acc = (new, count + jnp.sum(valid.astype(jnp.int32)))
@@ -71,11 +73,18 @@ ORACLE_GROUPING = 'oracle_grouping'
 ORACLE_CLASSIFICATION = 'oracle_classification'
 
 
+def has_segments(config) -> bool:
+  """Whether the method predicts segments (the grouping oracle needs them; the
+  classification oracle reads per-pixel scores, so it applies to every method)."""
+  return not methods.is_pixel_method(config.model)
+
+
 def confusion_keys(config, variants) -> list:
   """The confusion matrices an evaluation accumulates: one per variant, plus the oracles'."""
   keys = list(variants)
   if config.eval.oracles:
-    keys += [f'{ORACLE_CLASSIFICATION}_{v}' for v in variants] + [ORACLE_GROUPING]
+    keys += [f'{ORACLE_CLASSIFICATION}_{v}' for v in variants]
+    keys += [ORACLE_GROUPING] if has_segments(config) else []
   return keys
 
 
@@ -99,6 +108,16 @@ def load_trained_state(config, workdir):
   train_classes, _ = input_pipeline.dataset_classes(input_pipeline.data_dir(config),
                                                     config.dataset.train_split)
   return state_lib.load_latest_state(config, workdir, len(train_classes))
+
+
+def method_params(config, workdir, state, class_names):
+  """The params that classify `class_names`: the trained ones, except for ZS3Net, whose
+  final classifier is fit for the vocabulary (training/generative.py)."""
+  if methods.method_name(config.model) != 'zs3net':
+    return state['params']
+  from zegformer_jax.training import generative
+  return generative.eval_params(config, workdir, state['params'], class_names,
+                                training_class_names(config))
 
 
 SETTINGS = ('gzs3', 'zs3')
@@ -211,6 +230,9 @@ def evaluate_settings(config, workdir, variants, *, state=None, tag='') -> dict:
           for s in settings}
 
 
+EVAL_PROGRESS_S = 10.0   # evaluate_variants prints a progress line at most this often
+
+
 def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag='',
                       setting='gzs3'):
   """Evaluates the latest checkpoint (or `state`) on `split`, all variants in one pass.
@@ -220,21 +242,23 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   {variant: metrics}. The variants share each batch's forward pass (and the image branch,
   for img and full).
   """
-  variants = segmenter.check_variants(variants)
+  variants = segmenter.check_variants(variants, config.model)
   check_settings(setting)
   target = Target(config, split, setting)
   split, data_dir = target.split, target.data_dir
   class_names, seen_mask = target.class_names, target.seen_mask
   mesh = sharding.mesh_from_config(config)
+  sharding.local_batch_size(int(config.input.eval_batch_size), mesh, 'input.eval_batch_size')
   num_classes = len(class_names)
-  text = clip.class_text_embeddings(config, workdir, class_names, config.clip.test_prompts)
+  text = clip.class_embeddings(config, workdir, class_names, config.clip.test_prompts)
   if state is None:
     model, state = load_trained_state(config, workdir)
   else:
-    model = zegformer.build_model(config.model)
+    model = methods.build_model(config.model)
 
   clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, class_names,
                                                                variants)
+  params = method_params(config, workdir, state, class_names)
 
   view_shapes = None
   if tta.enabled(config.eval, config.input):
@@ -254,7 +278,11 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
   step_fn = None
   text = sharding.replicate(text, mesh)
   seen_dev = sharding.replicate(np.asarray(seen_mask, bool), mesh)
-  for batch in input_pipeline.make_eval_batches(target.data_config(config), data_dir, split):
+  batches = input_pipeline.make_eval_batches(target.data_config(config), data_dir, split)
+  # Progress on process 0: this process's images (dispatched) every EVAL_PROGRESS_S, and at
+  # most ~10 lines for a long evaluation.
+  total, done, reported = int((batches.local_indices >= 0).sum()), 0, t0
+  for batch in batches:
     if view_shapes is not None:
       batch['view_hw'] = tta.view_sizes(config.eval, config.input, batch['label_hw'])
     dev_batch = sharding.shard_batch(batch, mesh)
@@ -265,11 +293,19 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
       zeros = np.zeros((num_classes + 1, num_classes + 1), np.int32)
       acc = sharding.replicate(({k: zeros for k in confusion_keys(config, variants)},
                                 np.zeros((), np.int32)), mesh)
-    acc = step_fn(acc, state['params'], state['frozen'], dev_batch, text, seen_dev,
+    acc = step_fn(acc, params, state['frozen'], dev_batch, text, seen_dev,
                   clip_params, clip_text)
     if boundaries is not None:
       acc, preds = acc
       _add_boundaries(boundaries, preds, batch)
+    done += int(np.sum(batch['example_valid']))
+    now = time.time()
+    if (jax.process_index() == 0 and done < total and
+        now - reported >= max(EVAL_PROGRESS_S, (now - t0) * total / max(done, 1) / 10)):
+      reported = now
+      print(f'eval {split}: {done}/{total} images'
+            f'{" (this process)" if jax.process_count() > 1 else ""}, {now - t0:.0f} s',
+            flush=True)
     if config.eval.max_images and int(acc[1]) >= config.eval.max_images:
       break
   if acc is None:
@@ -290,7 +326,8 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
                                 ignore_mode=config.eval.boundary_ignore)
     if config.eval.oracles:
       result['oracles'] = {
-          'grouping': _oracle_metrics(confs[ORACLE_GROUPING], class_names, seen_mask),
+          'grouping': (_oracle_metrics(confs[ORACLE_GROUPING], class_names, seen_mask)
+                       if ORACLE_GROUPING in confs else None),
           'classification': _oracle_metrics(confs[f'{ORACLE_CLASSIFICATION}_{variant}'],
                                             class_names, seen_mask)}
     if target.cross_dataset:
@@ -311,6 +348,8 @@ def evaluate_variants(config, workdir, variants, *, state=None, split=None, tag=
             f'unseen {_fmt(result["mIoU_unseen"])} hIoU {_fmt(result["hIoU"])} '
             f'pAcc {_fmt(result["pAcc"])} -> {path}', flush=True)
     results[variant] = result
+  # TensorBoard scalars eval/<split>/<variant>/<metric> at the state's step (process 0).
+  metric_writers.write_eval_scalars(workdir, int(state.get('step', 0)), results)
   return results
 
 
@@ -329,7 +368,7 @@ class Evaluator:
   def __init__(self, config, workdir: str, name: str, *, split: str, variants, every: int,
                tag_prefix: str = ''):
     self.config, self.workdir, self.name = config, workdir, name
-    self.split, self.variants, self.every = split, segmenter.check_variants(variants), every
+    self.split, self.variants, self.every = split, segmenter.check_variants(variants, config.model), every
     self.tag_prefix = tag_prefix
 
   def due(self, step: int, total_steps: int) -> bool:

@@ -127,7 +127,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   eval_cfg = config.eval
   pixel_level = methods.is_pixel_method(config.model)
   if pixel_level and with_masks:
-    raise ValueError('config.eval.oracles needs segments; method '
+    raise ValueError('masks (the grouping oracle) need segments; method '
                      f'{methods.method_name(config.model)!r} classifies pixels')
 
   def forward(params, frozen, image, image_hw, text_embeddings, seen_mask, clip_params,

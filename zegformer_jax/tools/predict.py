@@ -11,15 +11,26 @@ For every image it writes, under --output_dir (default <workdir>/predict):
   <stem>.json         per-class pixel counts and shares, largest first
 The variant (seg / img / full), gamma and lambda come from config.eval. A class counts as
 "seen" (for Eq. 2 calibration and Eq. 3 fusion) when it is one of the training classes.
+
+Compilation and memory: the test-resized image is padded to a size bucket (bucket_size:
+4 lengths per octave), with its valid size given as data, so images of any size share the
+bucket's compiled program; the calibrated scores at the test-resized size are brought to
+the image's own size and arg-maxed in tiles (upsample_argmax), never held as K full-size
+score maps. With test-time augmentation the views are averaged at the test-resized size
+(evaluation averages them at the label's size).
 """
 import collections
+import functools
 import json
+import logging
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 from zegformer_jax.data import augment
 from zegformer_jax.evaluation import evaluator
@@ -72,10 +83,11 @@ def list_images(images: str) -> list[str]:
 
 
 def load_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3] RGB; an undecodable file is an error naming it."""
+  """uint8 [H, W, 3] RGB, upright: an EXIF orientation tag (camera photos) is applied, as
+  image viewers do; an undecodable file is an error naming it."""
   try:
     with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'))
+      return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
   except Exception as e:  # PIL raises several types for bad files
     raise ValueError(f'cannot decode image {path}: {e}') from None
 
@@ -83,7 +95,62 @@ def load_image(path: str) -> np.ndarray:
 MIN_SHORT_SIDE = 384    # label maps are upscaled (nearest neighbour) to at least this
 MAX_LONG_SIDE = 1024    # larger images are shown scaled down to this
 OVERLAY_DPI = 100
-LEGEND_FONT = 12
+LEGEND_FONT = 12        # points, for panels whose short side is MIN_SHORT_SIDE px
+MAX_FONT_SCALE = 3.0    # the fonts grow with the panels up to this factor
+
+_WARNED_UNRENDERABLE: set = set()   # texts named once in the 'no font has glyphs' warning
+
+
+def font_size(panel_h: float, panel_w: float) -> float:
+  """The overlay's text size in points: LEGEND_FONT for panels of MIN_SHORT_SIDE px on
+  their short side, proportionally larger for larger panels (up to MAX_FONT_SCALE), so the
+  legend and titles keep their size relative to the picture."""
+  factor = min(panel_h, panel_w) / MIN_SHORT_SIDE
+  return float(LEGEND_FONT * np.clip(factor, 1.0, MAX_FONT_SCALE))
+
+
+@functools.lru_cache(maxsize=None)
+def _font_codepoints(path: str) -> frozenset:
+  """The characters a font file has glyphs for (its best cmap; first face of a .ttc)."""
+  from fontTools.ttLib import TTFont
+  try:
+    with TTFont(path, fontNumber=0, lazy=True) as font:
+      return frozenset(font.getBestCmap() or {})
+  except Exception:  # pylint: disable=broad-except  (an unreadable font covers nothing)
+    return frozenset()
+
+
+def font_families(texts) -> list[str]:
+  """Font families for the overlay's texts, for matplotlib's per-character font fallback:
+  the default sans-serif font first, then installed fonts with the glyphs it lacks (CJK
+  class names, ...), each chosen for covering the most of what is still missing. Texts
+  with characters that no installed font has are named in one warning (once per text)."""
+  from matplotlib import font_manager
+  default = font_manager.findfont(font_manager.FontProperties(family=['sans-serif']))
+  families = [font_manager.get_font(default).family_name]
+  missing = {ord(c) for t in texts for c in t if not c.isspace()} - _font_codepoints(default)
+  if not missing:
+    return families
+  # Not matplotlib's "Last Resort": it maps every character to a placeholder box.
+  fonts = sorted({(e.name, e.fname) for e in font_manager.fontManager.ttflist
+                  if not e.name.startswith('Last Resort')})
+  while missing:
+    name, path = max(fonts, key=lambda f: len(missing & _font_codepoints(f[1])))
+    gained = missing & _font_codepoints(path)
+    if not gained:
+      break
+    families.append(name)
+    missing -= gained
+  unrenderable = [t for t in texts if any(ord(c) in missing for c in t)]
+  new = [t for t in dict.fromkeys(unrenderable) if t not in _WARNED_UNRENDERABLE]
+  if new:
+    _WARNED_UNRENDERABLE.update(new)
+    logging.getLogger(__name__).warning(
+        'no installed font has glyphs for %s: %s show as boxes in the overlays; install a '
+        'font that has them (e.g. Noto Sans CJK: apt-get install fonts-noto-cjk)',
+        ' '.join(sorted({c for t in new for c in t if ord(c) in missing})),
+        ', '.join(repr(t) for t in new))
+  return families
 
 
 def palette(n: int) -> np.ndarray:
@@ -152,6 +219,10 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, names: list[str],
   in the prediction or the ground truth (largest in the prediction first; then
   '(not labelled)' when the ground truth has ignore pixels). Colours: palette(len(names)),
   shaded by the image's luminance (blend), with 1-px dark segment boundaries (outline).
+  Images larger than the display are shrunk first (the image bilinearly with antialiasing,
+  label maps by nearest neighbour), so panels are always shown 1:1 and nothing is blended
+  at full resolution. Text sizes follow the panels (font_size); fonts fall back to ones
+  with the glyphs of the class names (font_families: CJK, ...).
   fig.axes[1].images[0] holds the prediction panel's array; fig.legends[0] the legend."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -171,6 +242,20 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, names: list[str],
   colours = palette(k)
   scale = display_scale(h, w)
   rep = int(scale) if scale >= 1 else 1
+  full_hw = (h, w)
+  counts = np.bincount(labels.ravel(), minlength=k)[:k]   # the legend: full resolution
+  unlabelled = False
+  if ground_truth is not None:
+    gt_valid = (ground_truth >= 0) & (ground_truth < k)
+    unlabelled = bool((~gt_valid).any())
+    gt_counts = np.bincount(ground_truth[gt_valid].ravel(), minlength=k)[:k]
+    del gt_valid
+  if scale < 1:   # shrunk to the display size first: never blended at full resolution
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))  # antialiased
+    labels = augment.resize_label(labels, (h, w))
+    if ground_truth is not None:
+      ground_truth = augment.resize_label(ground_truth, (h, w))
 
   def up(a):
     return np.repeat(np.repeat(a, rep, axis=0), rep, axis=1) if rep > 1 else a
@@ -178,48 +263,53 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, names: list[str],
   def coloured(label_map):   # blended at display resolution, segment boundaries outlined
     return outline(up(blend(image, label_map, colours, shade)), up(label_map))
 
-  panels = [(f'input ({w}x{h} px' + (f', shown x{scale:g})' if scale != 1 else ')'), up(image)),
+  panels = [(f'input ({full_hw[1]}x{full_hw[0]} px' +
+             (f', shown x{scale:g})' if scale != 1 else ')'), up(image)),
             ('prediction', coloured(labels))]
-  counts = np.bincount(labels.ravel(), minlength=k)[:k]
   present = [int(c) for c in np.argsort(-counts, kind='stable') if counts[c]]
-  unlabelled = False
   if ground_truth is not None:
     panels.append(('ground truth', coloured(ground_truth)))
-    gt_valid = (ground_truth >= 0) & (ground_truth < k)
-    unlabelled = bool((~gt_valid).any())
-    gt_counts = np.bincount(ground_truth[gt_valid].ravel(), minlength=k)[:k]
     present += [int(c) for c in np.argsort(-gt_counts, kind='stable')
                 if gt_counts[c] and not counts[c]]
 
   # Layout in pixels (dpi OVERLAY_DPI): panels side by side, titles above, legend right.
-  pw, ph = w * scale, h * scale
-  pad, title_h = 16, 34
-  top = title_h + (40 if title else 0)
+  # Fonts grow with the panels; the families fall back to fonts with CJK (...) glyphs.
+  pw, ph = w * rep, h * rep
+  font = font_size(ph, pw)
+  grow = font / LEGEND_FONT
+  families = font_families([names[c] for c in present] + [title, '(not labelled)'])
+
+  def props(size):
+    from matplotlib.font_manager import FontProperties
+    return FontProperties(family=families, size=size)
+
+  pad, title_h = 16, round(34 * grow)
+  top = title_h + (round(40 * grow) if title else 0)
   fig_w = pad + len(panels) * (pw + pad)
   fig_h = top + ph + pad
   fig = Figure(figsize=(fig_w / OVERLAY_DPI, fig_h / OVERLAY_DPI), dpi=OVERLAY_DPI)
   FigureCanvasAgg(fig)
   for i, (name, array) in enumerate(panels):
     ax = fig.add_axes(((pad + i * (pw + pad)) / fig_w, pad / fig_h, pw / fig_w, ph / fig_h))
-    ax.imshow(array, interpolation='nearest' if scale >= 1 else 'antialiased')
-    ax.set_title(name, fontsize=LEGEND_FONT + 1)
+    ax.imshow(array, interpolation='nearest')   # 1:1 (magnified or shrunk beforehand)
+    ax.set_title(name, fontproperties=props(font + grow))
     ax.set_xticks([])
     ax.set_yticks([])
   if title:
-    fig.suptitle(title, fontsize=LEGEND_FONT + 2, y=1 - 8 / fig_h, va='top')
+    fig.suptitle(title, fontproperties=props(font + 2 * grow), y=1 - 8 / fig_h, va='top')
 
   handles = [Patch(facecolor=colours[c] / 255, edgecolor='0.25', label=names[c])
              for c in present]
   if unlabelled:
     handles.append(Patch(facecolor='white', edgecolor='0.25', hatch='//',
                          label='(not labelled)'))
-  row_px = 1.65 * LEGEND_FONT * OVERLAY_DPI / 72   # one legend row (patch + spacing)
+  row_px = 1.65 * font * OVERLAY_DPI / 72   # one legend row (patch + spacing)
   rows = max(1, int(ph // row_px) - 1)              # below the legend's title
   fig.legend(handles=handles, loc='upper left', bbox_to_anchor=(1 - pad / 2 / fig_w,
                                                                 (pad + ph) / fig_h),
-             ncols=max(1, -(-len(handles) // rows)), fontsize=LEGEND_FONT, frameon=False,
+             ncols=max(1, -(-len(handles) // rows)), prop=props(font), frameon=False,
              borderaxespad=0, handlelength=1.6, handleheight=1.1, title='classes present',
-             title_fontsize=LEGEND_FONT, alignment='left')
+             title_fontproperties=props(font), alignment='left')
   return fig
 
 
@@ -229,7 +319,9 @@ def overlay(image: np.ndarray, labels: np.ndarray, names: list[str], path: str,
   """Writes the overlay figure (overlay_figure) as a PNG at path; returns path. The PNG's
   bounding box is the figure's plus the legend (bbox_inches='tight'), panels stay 1:1."""
   fig = overlay_figure(image, labels, names, ground_truth, title, shade)
-  fig.savefig(path, dpi=OVERLAY_DPI, bbox_inches='tight', pad_inches=0.15, format='png')
+  with warnings.catch_warnings():   # font_families named the texts no font can show
+    warnings.filterwarnings('ignore', message='Glyph .* missing from font')
+    fig.savefig(path, dpi=OVERLAY_DPI, bbox_inches='tight', pad_inches=0.15, format='png')
   return path
 
 
@@ -270,6 +362,63 @@ def output_stems(paths: list[str]) -> dict:
   return stems
 
 
+BUCKET_BITS = 2            # 2^2 = 4 padded sizes per octave: padding < 25% of a side
+UPSAMPLE_TILE = 256        # output tiles of upsample_argmax (memory ~ K x tile^2 floats)
+
+
+def bucket_size(n: int, div: int) -> int:
+  """The padded length of a side of n > 2^k pixels: the next multiple of 2^(k - BUCKET_BITS)
+  (and of div), so only 2^BUCKET_BITS lengths per octave occur."""
+  n, div = int(n), max(1, int(div))
+  step = 1 << max(0, (n - 1).bit_length() - 1 - BUCKET_BITS)
+  step = -(-step // div) * div
+  return -(-n // step) * step
+
+
+def bucket_shape(hw, div: int) -> tuple[int, int]:
+  """(H, W) bucket of a test-resized (h, w): each side bucket_size'd."""
+  return bucket_size(hw[0], div), bucket_size(hw[1], div)
+
+
+@jax.jit
+def _upsample_argmax_tile(scores, in_hw, out_hw, origin, tile_hw):
+  """argmax over K of the scores [K, H, W] (valid [:ih, :iw]) resized bilinearly to (oh, ow)
+  (torch F.interpolate(align_corners=False) = inference.postprocess), for the output
+  pixels origin + [0, tile) only. One program for every output size: the sizes and the
+  tile's place are data."""
+  def taps(start, n, size_in, size_out):
+    pos = start + jnp.arange(n)
+    src = (pos.astype(jnp.float32) + 0.5) * (size_in / size_out) - 0.5
+    src = jnp.clip(src, 0.0, (size_in - 1).astype(jnp.float32))
+    lo = jnp.floor(src).astype(jnp.int32)
+    return lo, jnp.minimum(lo + 1, size_in - 1), src - lo
+  th, tw = tile_hw.shape
+  y0, y1, fy = taps(origin[0], th, in_hw[0], out_hw[0])
+  x0, x1, fx = taps(origin[1], tw, in_hw[1], out_hw[1])
+  rows0, rows1 = scores[:, y0], scores[:, y1]                     # [K, th, W]
+  top = rows0[:, :, x0] * (1 - fx) + rows0[:, :, x1] * fx         # [K, th, tw]
+  bottom = rows1[:, :, x0] * (1 - fx) + rows1[:, :, x1] * fx
+  out = top * (1 - fy)[None, :, None] + bottom * fy[None, :, None]
+  return jnp.argmax(out, axis=0).astype(jnp.int32)
+
+
+def upsample_argmax(scores, in_hw, out_hw, tile: int = UPSAMPLE_TILE) -> np.ndarray:
+  """int32 [oh, ow] labels: per-pixel argmax of the class scores [K, H, W] (valid region
+  in_hw) resized bilinearly to out_hw, computed in tile x tile pieces: memory K x tile^2,
+  never K x oh x ow (as float32 copies of that, a 3072 x 2304 photo cost ~105 MB per
+  class). Every call with scores of one shape runs one compiled program."""
+  oh, ow = (int(v) for v in out_hw)
+  in_hw = jnp.asarray(in_hw, jnp.int32)
+  size = jnp.asarray([oh, ow], jnp.int32)
+  shape = np.zeros((tile, tile), np.bool_)   # only its (static) shape is used
+  labels = np.empty((-(-oh // tile) * tile, -(-ow // tile) * tile), np.int32)
+  for r in range(0, oh, tile):
+    for c in range(0, ow, tile):
+      labels[r:r + tile, c:c + tile] = np.asarray(
+          _upsample_argmax_tile(scores, in_hw, size, jnp.asarray([r, c], jnp.int32), shape))
+  return labels[:oh, :ow]
+
+
 def run(config, workdir: str, *, images: str, classes: str | None = None,
         class_file: str | None = None, output_dir: str | None = None,
         ground_truths: dict | None = None) -> list[dict]:
@@ -286,30 +435,38 @@ def run(config, workdir: str, *, images: str, classes: str | None = None,
   variant = config.eval.variant
 
   seen = seen_mask_for(config, names)
-  # No parameter depends on the number of classes, so any K builds the same state tree.
-  model, state = state_lib.load_latest_state(config, workdir, len(names))
-  text = clip.class_text_embeddings(config, workdir, names, config.clip.test_prompts)
+  # The state tree of the training classes (ZS3Net's classifier has one row per class);
+  # method_params then gives the params that classify `names`.
+  model, state = state_lib.load_latest_state(
+      config, workdir, len(evaluator.training_class_names(config)) or len(names))
+  params = evaluator.method_params(config, workdir, state, names)
+  text = clip.class_embeddings(config, workdir, names, config.clip.test_prompts)
   clip_model, clip_params, clip_text = segmenter.image_branch(config, workdir, names,
                                                              (variant,))
 
   results = []
   compiled = {}
+  div = int(config.input.size_divisibility)
   for path in paths:
     image = load_image(path)
     h, w = image.shape[:2]
     resized = augment.test_resize(image, config.input.min_size_test, config.input.max_size_test)
-    padded = augment.pad_to_multiple(resized, config.input.size_divisibility, 0)
-    batch = {'image': jnp.asarray(padded[None], jnp.float32),
+    bucket = bucket_shape(resized.shape[:2], div)
+    # Scores at the test-resized size: the segmenter's output size is that valid size
+    # (given as data) inside the bucket, so one program serves every image of a bucket.
+    batch = {'image': jnp.asarray(augment.pad_to(resized, bucket, 0)[None], jnp.float32),
              'image_hw': jnp.asarray([resized.shape[:2]], jnp.int32),
-             'label_hw': jnp.asarray([[h, w]], jnp.int32),
+             'label_hw': jnp.asarray([resized.shape[:2]], jnp.int32),
              'view_hw': tta.view_sizes(config.eval, config.input, [[h, w]])}
-    key = (padded.shape, (h, w))
-    if key not in compiled:  # one compilation per distinct (padded size, output size)
-      view_shapes = tta.padded_view_shapes(config.eval, config.input, [(h, w)])
-      compiled[key] = jax.jit(segmenter.make_segment_fn(config, model, variant, (h, w),
+    view_shapes = {s: bucket_shape(hw, div) for s, hw in
+                   tta.padded_view_shapes(config.eval, config.input, [(h, w)]).items()}
+    key = (bucket, tuple(sorted(view_shapes.items())))
+    if key not in compiled:  # one compilation per bucket (and per TTA view buckets)
+      compiled[key] = jax.jit(segmenter.make_scores_fn(config, model, (variant,), bucket,
                                                        clip_model, view_shapes))
-    labels = np.asarray(compiled[key](state['params'], state['frozen'], batch, text, seen,
-                                      clip_params, clip_text))[0]
+    scores = compiled[key](params, state['frozen'], batch, text, seen, clip_params,
+                           clip_text)[variant][0]
+    labels = upsample_argmax(scores, resized.shape[:2], (h, w))
     stem = stems[path]
     dtype = np.uint8 if len(names) <= 256 else np.uint16
     Image.fromarray(labels.astype(dtype)).save(os.path.join(output_dir, f'{stem}_labels.png'))

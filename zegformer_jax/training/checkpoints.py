@@ -10,13 +10,26 @@ orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when co
 crash during a save leaves the previous checkpoint as the latest; the leftover temporary
 directory is removed when the next run opens the manager.
 
+A damaged checkpoint (a file truncated or deleted, a JSON file inside it malformed) is not
+fatal: `Checkpointer.restore_latest` names it in one warning line and restores the newest
+intact one instead (training moves the damaged steps aside, to `<workdir>/checkpoints.unreadable/`,
+so its next saves do not meet them; readers leave them where they are). Only when no step
+restores is it an error (CorruptCheckpointError, naming the directory).
+
+A write the system refuses (a full disk, a read-only file system, `checkpoints` being a
+regular file) is metric_writers.CannotWriteError: `cannot write <path>: <reason>`.
+
 Testing hook: ZEGFORMER_TEST_SLOW_SAVE=<step>[:<seconds>] makes the save of <step> pause
 (default 600 s) after orbax has started writing that step and before it is finalised, and
 print `checkpoint save of step <step> paused` to stderr, so a test can kill the process
 in the middle of a save.
 """
 import dataclasses
+import gc
+import json
+import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any, Optional
@@ -27,9 +40,68 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from zegformer_jax.training import metric_writers
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the model built from the current config (or the job)."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint step cannot be read: a file truncated, deleted or malformed."""
+
+
+# When a damaged checkpoint fails to restore, orbax's other parallel array reads are left
+# pending: each reports the same error again, with a traceback and tensorstore's spec (a
+# thousand lines), through asyncio's log (`... exception was never retrieved`), as an
+# unraisable exception of its coroutine, or as `Event loop is closed` when tensorstore
+# completes a read after orbax closed its event loop. The restore raises the error once, and
+# restore_latest reports it in one line; these hooks drop only those echoes.
+_READ_ECHOES = ('Encountered error while reading array index', 'in OCDBT database at',
+                'Event loop is closed')
+
+
+def _is_read_echo(exc: Optional[BaseException], where: str = '') -> bool:
+  text = f'{where} {exc!r}' if exc is not None else where
+  return any(m in text for m in _READ_ECHOES)
+
+
+class _OrbaxReadEchoes(logging.Filter):
+
+  def filter(self, record):
+    try:
+      message = record.getMessage()
+    except Exception:  # pylint: disable=broad-except
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (message.startswith(('Task exception was never retrieved',
+                                    'Future exception was never retrieved'))
+                and _is_read_echo(exc, message))
+
+
+_echo_hooks_installed = False
+
+
+def _drop_read_echoes() -> None:
+  """Installs (once, after a failed restore) hooks that drop the echoes of its reads."""
+  global _echo_hooks_installed
+  if _echo_hooks_installed:
+    return
+  _echo_hooks_installed = True
+  previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+  def unraisable(info):
+    if not _is_read_echo(info.exc_value, repr(info.object)):
+      previous_unraisable(info)
+
+  def excepthook(kind, value, tb):
+    if not (isinstance(value, RuntimeError) and _is_read_echo(value)):
+      previous_except(kind, value, tb)
+
+  sys.unraisablehook, sys.excepthook = unraisable, excepthook
+
+
+logging.getLogger('asyncio').addFilter(_OrbaxReadEchoes())
 
 
 class _DataHandler(grain.checkpoint.CheckpointHandler):
@@ -105,7 +177,13 @@ class Checkpointer:
     that owns the directory: nothing is created, cleaned up or deleted."""
     self.directory = os.path.abspath(os.path.join(workdir, SUBDIR))
     self.every = every
+    self.read_only = read_only
     self._data_handler = _DataHandler()
+    if not read_only:   # here, so a directory that cannot be made is one clear error
+      try:
+        os.makedirs(self.directory, exist_ok=True)
+      except OSError as e:
+        raise metric_writers.CannotWriteError(self.directory, e) from e
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -131,9 +209,17 @@ class Checkpointer:
     if data_iterator is not None:
       items['data'] = _DataSave(data_iterator)
     self._arm_test_pause(step)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
-    self.manager.wait_until_finished()
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (orbax wraps OS errors)
+      if metric_writers.is_write_failure(e):
+        raise metric_writers.CannotWriteError(self.step_dir(step), e) from e
+      raise
     return saved
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def _arm_test_pause(self, step: int):
     hook = os.environ.get('ZEGFORMER_TEST_SLOW_SAVE', '')
@@ -142,14 +228,110 @@ class Checkpointer:
     self._data_handler.pause_step = step
     self._data_handler.pause_s = float(seconds or 600) if armed else 0.0
 
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None):
+    """(step, state) of the newest checkpoint that restores, or None without any.
+
+    A damaged step (a truncated or deleted file, malformed JSON) is skipped for the next
+    older one; the steps skipped are named in one warning line (`warn`) with the reason of
+    each (naming the file where it is known). A step removed while it was being read (the
+    training job's max_to_keep, seen from a reader) is skipped silently. A writer (not
+    read_only) moves the damaged steps to `<workdir>/checkpoints.unreadable/`. No step
+    restoring is CorruptCheckpointError naming the directory; CheckpointMismatchError (a
+    checkpoint of another config or process count) is raised as is: older steps of the same
+    run would not fit either.
+
+    Multi-process jobs read the same (shared) files, so every process skips the same steps;
+    process 0 moves them and the others wait for it.
+    """
+    tried, bad = set(), []
+    while True:
+      steps = sorted((s for s in self.manager.all_steps() if s not in tried), reverse=True)
+      if not steps:
+        break
+      step = steps[0]
+      tried.add(step)
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except (CheckpointMismatchError, MemoryError):
+        raise
+      except Exception as e:  # pylint: disable=broad-except  (any failure to read the step)
+        _drop_read_echoes()
+        gc.collect()   # orbax's abandoned array reads report now (dropped), not later
+        if self._removed_meanwhile(step):   # deleted by the job that owns it (max_to_keep)
+          self.manager.reload()
+          continue
+        bad.append((step, _reason(e)))
+        continue
+      if bad:
+        self._set_aside(bad, step)
+      return step, state
+    if bad:
+      raise CorruptCheckpointError(
+          f'no intact checkpoint in {self.directory}: '
+          + '; '.join(f'step {s}: {r}' for s, r in bad))
+    return None
+
+  def _removed_meanwhile(self, step: int) -> bool:
+    """Whether `step` is gone. A reader gives a deletion that has started up to 1 s to end
+    (the training job's max_to_keep removing the step it was reading)."""
+    deadline = time.time() + (1.0 if self.read_only else 0.0)
+    while os.path.isdir(self.step_dir(step)):
+      if time.time() >= deadline:
+        return False
+      time.sleep(0.1)
+    return True
+
+  def _set_aside(self, bad, step):
+    """Warns about the damaged steps `bad` [(step, reason)]; a writer moves them aside."""
+    moved = ''
+    if not self.read_only:
+      aside = self.directory + '.unreadable'
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for s, _ in bad:
+          target = os.path.join(aside, str(s))
+          n = 1
+          while os.path.exists(target):
+            target, n = os.path.join(aside, f'{s}.{n}'), n + 1
+          shutil.move(self.step_dir(s), target)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('zegformer_unreadable_checkpoints')
+      self.manager.reload()
+      moved = f'; moved to {aside}'
+    what = '; '.join(f'{self.step_dir(s)} ({r})' for s, r in bad)
+    metric_writers.warn(
+        f'unreadable checkpoint{"s" if len(bad) > 1 else ""} {what}{moved}; using step '
+        f'{step}, the newest intact one')
+
+  def check_readable(self, step: int, item: str = 'state') -> None:
+    """Raises CorruptCheckpointError naming a missing item or a malformed JSON file of
+    `step`: `item`'s (`state` or `data`, the data-iterator state) and, for `state`, the
+    step's own metadata."""
+    root = self.step_dir(step)
+    if not os.path.isdir(os.path.join(root, item)):
+      raise CorruptCheckpointError(f'{os.path.join(root, item)} is missing')
+    for folder in ([root] if item == 'state' else []) + [os.path.join(root, item)]:
+      for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and (name.endswith('.json') or name in _JSON_FILES):
+          try:
+            with open(path) as f:
+              json.load(f)
+          except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptCheckpointError(
+                f'{path} is not valid JSON ({" ".join(str(e).split())})') from e
+
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> Any:
     """Restores `state` (shapes/shardings from `abstract_state`) and the iterator in place."""
     where = f'{self.directory}/{step}'
+    self.check_readable(step, 'state')
     check_compatible(self.state_shapes(step), abstract_state, where)
     items = {'state': ocp.args.PyTreeRestore(
         item=abstract_state,
         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iterator is not None:
+      self.check_readable(step, 'data')
       _check_process_count(os.path.join(self.directory, str(step), 'data'), where)
       items['data'] = _DataRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -167,6 +349,25 @@ class Checkpointer:
     self.manager.close()
 
 
+# orbax's JSON metadata files (besides *.json): checked by Checkpointer.check_readable.
+_JSON_FILES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding')
+
+
+def _reason(e: BaseException) -> str:
+  """One line (at most 300 characters) of why a restore failed: the innermost cause's
+  first line (tensorstore's names the file and the entry), without its spec dump."""
+  inner = e
+  while inner.__cause__ is not None and not isinstance(inner, CorruptCheckpointError):
+    inner = inner.__cause__
+  text = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+  for cut in (' [tensorstore_spec', '. See full TensorStore details'):
+    text = text.split(cut)[0]
+  if isinstance(inner, KeyError) or not text:
+    text = f'{type(inner).__name__}: {text}'
+  text = ' '.join(text.split())
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
 def _check_process_count(data_dir: str, where: str):
   """The data-iterator state is per process: the job must have as many as the writer."""
   n, i = jax.process_count(), jax.process_index()
@@ -174,6 +375,8 @@ def _check_process_count(data_dir: str, where: str):
     return
   written = sorted(f for f in os.listdir(data_dir) if f.startswith('process_')) \
       if os.path.isdir(data_dir) else []
+  if not written:   # deleted, not written by another job
+    raise CorruptCheckpointError(f'{data_dir} holds no data-iterator state (process_*.json)')
   counts = sorted({f.rsplit('-of-', 1)[-1].split('.')[0] for f in written})
   raise CheckpointMismatchError(
       f'checkpoint {where} holds data-iterator state for {"/".join(counts) or "no"} '

@@ -82,13 +82,20 @@ def state_sharding(abstract_state: Any, mesh: Mesh) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(x.shape, fsdp)), abstract_state)
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-  """Examples this process must produce; checks the batch divides over devices and hosts."""
+def local_batch_size(global_batch_size: int, mesh: Mesh,
+                     key: str = 'input.global_batch_size') -> int:
+  """Examples this process must produce; checks the batch divides over devices and hosts.
+
+  A batch size that does not divide is a ValueError naming the config `key`
+  ('input.global_batch_size', 'input.eval_batch_size') and the device count.
+  """
   num_devices = mesh.devices.size
   if global_batch_size % num_devices:
+    multiple = -(-global_batch_size // num_devices) * num_devices
     raise ValueError(
-        f'input.global_batch_size={global_batch_size} is not divisible by the '
-        f'{num_devices} devices of the mesh')
+        f'{key}={global_batch_size} is not divisible by the {num_devices} devices of the '
+        f'mesh (every device takes an equal share of a batch); use a multiple of '
+        f'{num_devices}, e.g. --config.{key}={multiple}')
   return global_batch_size // jax.process_count()
 
 

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zegformer_jax.modeling import zegformer
+from zegformer_jax.modeling import methods
 from zegformer_jax.training import checkpoints
 from zegformer_jax.training import optim
 from zegformer_jax.training import sharding
@@ -31,7 +31,7 @@ def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng,
   size = config.input.crop_size
 
   def init(key):
-    variables = zegformer.init_variables(
+    variables = methods.init_variables(
         model, key, image_hw=(size, size), num_classes=num_classes)
     params = variables['params']
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
@@ -43,7 +43,7 @@ def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng,
   if abstract_only:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, state_sharding), state_sharding
-  # Runs once: on CPU compile without backend optimisation (see zegformer.init_variables).
+  # Runs once: on CPU compile without backend optimisation (see methods.init_variables).
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else {}
   init = jax.jit(init, out_shardings=state_sharding).lower(rng).compile(options)
   return init(rng), state_sharding
@@ -58,10 +58,12 @@ def init_from(path: str, state):
 def load_latest_state(config, workdir: str, num_classes: int):
   """(model, state) restored from the latest checkpoint of `workdir`, for eval/predict.
 
-  Without a checkpoint, config.train.init_from (a weights store) is loaded instead.
+  Without a checkpoint, config.train.init_from (a weights store) is loaded instead. A
+  damaged latest checkpoint is named in one warning line and the newest intact one is
+  restored (Checkpointer.restore_latest); none intact is CorruptCheckpointError.
   """
   mesh = sharding.mesh_from_config(config)
-  model = zegformer.build_model(config.model)
+  model = methods.build_model(config.model)
   optimizer_fn = make_optimizer_fn(config, config.train.total_steps)
   if not checkpoints.has_checkpoint(workdir):
     if config.train.init_from:
@@ -77,6 +79,10 @@ def load_latest_state(config, workdir: str, num_classes: int):
     raise FileNotFoundError(f'no finished checkpoint in {ckpt.directory}')
   abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
                                    jax.random.key(config.seed), abstract_only=True)
-  state = ckpt.restore(step, abstract)
-  ckpt.close()
-  return model, state
+  try:
+    restored = ckpt.restore_latest(abstract)
+  finally:
+    ckpt.close()
+  if restored is None:   # every step was removed while this reader looked at it
+    raise FileNotFoundError(f'no finished checkpoint in {ckpt.directory}')
+  return model, restored[1]

@@ -2,7 +2,7 @@
 
   config -> mesh (data x fsdp, every device of every process) -> data (grain, this
   process's share of each global batch) -> seen-class text embeddings (CLIP, cached)
-  -> model + optimiser -> restore latest checkpoint (state and data iterator) if any
+  -> model + optimiser -> restore the newest intact checkpoint (state, data iterator) if any
   -> loop: jitted train step (forward, Hungarian matching on the host, losses, AdamW)
   -> numerics guard, logs (JSONL, TensorBoard, console; process 0) and checkpoints
   -> train_summary.json (process 0)
@@ -35,11 +35,14 @@ import optax
 from zegformer_jax.data import input_pipeline
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import criterion
+from zegformer_jax.modeling import methods
+from zegformer_jax.modeling import per_pixel
 from zegformer_jax.modeling import preprocess
-from zegformer_jax.modeling import zegformer
 from zegformer_jax.training import checkpoints
+from zegformer_jax.training import generative
 from zegformer_jax.training import metric_writers
 from zegformer_jax.training import optim
+from zegformer_jax.training import self_training
 from zegformer_jax.training import sharding
 from zegformer_jax.training import state as state_lib
 
@@ -53,14 +56,20 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
   schedule = optim.poly_schedule(config.optim.lr, config.train.total_steps,
                                  config.optim.poly_power)
   nan_step = int(config.train.get('debug_nan_step', 0))
+  pixel_level = methods.is_pixel_method(config.model)
 
   def loss_fn(params, frozen, batch, text_embeddings, rng, step):
     images = preprocess.normalize(batch['image'], mean, std)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=True, rngs={'dropout': rng})
     if nan_step > 0:  # testing hook (config.train.debug_nan_step): a diverged mask head
-      poison = jnp.where(step + 1 == nan_step, jnp.nan, 0.0).astype(outputs['pred_masks'].dtype)
-      outputs = dict(outputs, pred_masks=outputs['pred_masks'].at[-1].add(poison))
+      key = 'sem_seg_logits' if pixel_level else 'pred_masks'
+      poison = jnp.where(step + 1 == nan_step, jnp.nan, 0.0).astype(outputs[key].dtype)
+      outputs = dict(outputs, **{key: outputs[key].at[-1].add(poison)})
+    if pixel_level:   # SPNet-FPN, ZS3Net: per-pixel cross-entropy on the seen classes
+      loss, terms = per_pixel.pixel_cross_entropy(outputs['sem_seg_logits'], batch['label'],
+                                                  config.dataset.ignore_value)
+      return loss, {'loss_sem_seg': terms['loss_sem_seg']}
     targets = dict(batch, target_masks=criterion.masks_from_label(
         batch['label'], batch['target_classes'], batch['target_valid']))
     return criterion.compute_loss(outputs, targets, config.loss, mesh)
@@ -115,18 +124,19 @@ def train(config, workdir: str, evaluators=()) -> dict:
 
 def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tuple) -> dict:
   check_train_config(config)
+  config = self_training.prepare(config, workdir)   # transductive runs: pseudo-labelled data
   mesh = sharding.mesh_from_config(config)
   sharding.local_batch_size(config.input.global_batch_size, mesh)  # validates divisibility
   data_dir = input_pipeline.data_dir(config)
   class_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
-  text_embeddings = clip.class_text_embeddings(config, workdir, class_names,
+  text_embeddings = clip.class_embeddings(config, workdir, class_names,
                                                config.clip.train_prompts)
   if text_embeddings.shape[1] != config.model.embed_dim:
     raise ValueError(
         f'CLIP text embeddings have width {text_embeddings.shape[1]} but '
         f'config.model.embed_dim is {config.model.embed_dim}')
 
-  model = zegformer.build_model(config.model)
+  model = methods.build_model(config.model)
   total_steps = config.train.total_steps
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
@@ -139,8 +149,15 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
       config, model, optimizer_fn, len(class_names), mesh, init_rng,
       abstract_only=start is not None)
   if start is not None:
+    # The newest intact step: a damaged one is named in a warning line and moved aside.
+    restored = ckpt.restore_latest(state, data_iter)
+    if restored is None:
+      raise checkpoints.CorruptCheckpointError(f'no intact checkpoint in {ckpt.directory}')
+    start, state = restored
     logging.info('resuming from %s/%d', ckpt.directory, start)
-    state = ckpt.restore(start, state, data_iter)
+  elif self_training.enabled(config):
+    logging.info('self-training: starting from %s', config.self_training.source_workdir)
+    state = self_training.init_from_source(config, state)
   elif config.train.init_from:
     state = state_lib.init_from(config.train.init_from, state)
 
@@ -148,7 +165,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
   train_step = make_train_step(config, model, optimizer, mesh, state_sharding)
   text_embeddings = sharding.replicate(text_embeddings, mesh)
   dropout_rng = sharding.replicate(jax.random.key_data(dropout_rng), mesh)  # raw uint32 bits
-  writer = metric_writers.MetricWriter(workdir, total_steps)
+  # Resuming from `start`: the log's entries after it (the interrupted run's) are dropped.
+  writer = metric_writers.MetricWriter(workdir, total_steps, resume_step=start or 0)
 
   step = int(state['step'])
   last = {}
@@ -202,6 +220,11 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
   finally:
     _wind_down(state, ckpt, writer)
 
+  stage = None
+  if (methods.method_name(config.model) == 'zs3net' and not preempted
+      and step >= total_steps):
+    stage = _generative_stage(config, workdir, model, state, mesh)
+
   summary = {
       'experiment': config.experiment,
       'final_step': step,
@@ -215,9 +238,29 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
       'params_fingerprint': checkpoints.params_fingerprint(
           sharding.to_host(state['params'], mesh)),
   }
+  if stage is not None:
+    summary['zs3net'] = {k: stage[k] for k in ('steps', 'mmd_first', 'mmd_last', 'collect_s',
+                                              'generator_s') if k in stage}
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, 'train_summary.json'), summary)
   return summary
+
+
+def _generative_stage(config, workdir, model, state, mesh) -> dict:
+  """ZS3Net's generator and feature bank (training/generative.py), made by process 0 from
+  the final state; the other processes wait for it."""
+  params = sharding.to_host(state['params'], mesh)
+  frozen = sharding.to_host(state['frozen'], mesh)
+  stats = None
+  if jax.process_index() == 0:
+    print('ZS3Net: collecting seen-class features and training the generator', flush=True)
+    stats = generative.run_stage(config, workdir, model, params, frozen)
+    print(f'ZS3Net generator: MMD {stats["mmd_first"]:.4f} -> {stats["mmd_last"]:.4f} in '
+          f'{stats["steps"]} steps', flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('zs3net_generative_stage')
+  return stats
 
 
 def _wind_down(state, ckpt, writer):

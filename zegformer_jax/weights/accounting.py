@@ -8,6 +8,8 @@ import dataclasses
 import fnmatch
 import os
 import re
+import zipfile
+import zlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -200,6 +202,18 @@ def check_conversion(conv: Conversion, allow_missing: Sequence[str] = (),
 sha256_file = clip.sha256_file   # the input file's fingerprint in the store's meta
 
 
+def _unreadable(path: str, what: str, error: BaseException) -> str:
+  """'<path> is not a <what>: it looks like <kind>' (or the reader's own reason)."""
+  with open(path, 'rb') as f:
+    head = f.read(4096)
+  kind = torch_pickle.looks_like(head)
+  if kind:
+    return f'{path} is not a {what}: it looks like {kind}'
+  if os.path.getsize(path) == 0:
+    return f'{path} is empty (0 bytes), not a {what}'
+  return f'{path} is not a readable {what} (truncated or damaged?): {error}'
+
+
 def read_tensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
   """({key: ndarray}, info) of a checkpoint file, without torch and without running code.
 
@@ -214,10 +228,16 @@ def read_tensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
   info: Dict[str, Any] = {}
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file
-    return dict(load_file(path)), {'container': 'safetensors'}
+    try:
+      return dict(load_file(path)), {'container': 'safetensors'}
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError is no ValueError)
+      raise ConversionError(_unreadable(path, 'safetensors file', e)) from None
   if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}, {'container': 'npz'}
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}, {'container': 'npz'}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+      raise ConversionError(_unreadable(path, '.npz archive', e)) from None
   obj = torch_pickle.load(path)
   if isinstance(obj, dict) and 'blobs' in obj and 'model' not in obj:
     raise ConversionError(

@@ -1,7 +1,8 @@
 """Weight import: ResNet, official ZegFormer and OpenAI CLIP checkpoints -> zegformer_jax.
 
   python -m zegformer_jax.weights.convert --from FORMAT --input FILE --output DIR \\
-      [--config configs/x.py[:arg]] [--allow_missing PATTERN,...] [--tokenizer_dir HF_CLIP]
+      [--config configs/x.py[:arg]] [--allow_missing PATTERN,...]
+      [--tokenizer_dir HF_CLIP | --bpe_vocab bpe_simple_vocab_16e6.txt.gz]
 
 `convert` reads the source file, maps its keys with the per-format modules (resnet,
 zegformer, openai_clip), enforces the key accounting and writes DIR: a parameter store
@@ -58,15 +59,17 @@ def _skipped_summary(skipped: Mapping[str, str]) -> List[str]:
 def convert(source_format: str, input_path: str, output: str, *, config_spec: str = '',
             model_config=None, config_overrides: Optional[Mapping[str, Any]] = None,
             allow_missing: Sequence[str] = (), tokenizer_dir: Optional[str] = None,
-            clip_text_heads: Optional[int] = None, clip_vision_heads: Optional[int] = None,
-            overwrite: bool = False) -> Dict[str, Any]:
+            bpe_vocab: Optional[str] = None, clip_text_heads: Optional[int] = None,
+            clip_vision_heads: Optional[int] = None, overwrite: bool = False) -> Dict[str, Any]:
   """Reads, converts, checks and writes DIR (the command's work). Returns the metadata.
 
   The model to check names and shapes against is `model_config` (the `model` sub-config)
   or else the config file `config_spec` ('configs/x.py[:arg]', read with cli.load_config);
   with neither, conversion is by name only and load_params checks shapes later.
   `config_spec` and `config_overrides` ({'model.x': value}, as --config.model.x=value) are
-  recorded in the metadata ('config' and 'notes').
+  recorded in the metadata ('config' and 'notes'). The CLIP tokenizer files come from the
+  Hugging Face CLIP `tokenizer_dir` or are built from OpenAI's `bpe_vocab`
+  (bpe_simple_vocab_16e6.txt.gz, as its SimpleTokenizer reads it).
   """
   if source_format not in FORMATS:
     raise ValueError(f'unknown format {source_format!r}; expected one of {", ".join(FORMATS)}')
@@ -85,12 +88,15 @@ def convert(source_format: str, input_path: str, output: str, *, config_spec: st
   try:
     if source_format == 'openai-clip':
       summary = openai_clip.write_hf_clip(
-          tmp, tensors, tokenizer_dir=tokenizer_dir, text_heads=clip_text_heads,
+          tmp, tensors, tokenizer_dir=tokenizer_dir, bpe_vocab=bpe_vocab,
+          text_heads=clip_text_heads,
           vision_heads=clip_vision_heads, allow_missing=allow_missing, source=input_path)
       notes += _skipped_summary(summary['skipped'])
       if not summary['tokenizer_files']:
-        notes.append('no tokenizer: copy vocab.json and merges.txt of a Hugging Face CLIP '
-                     f'(openai/clip-vit-base-patch16) into {os.path.abspath(output)}')
+        notes.append('no tokenizer: pass --bpe_vocab bpe_simple_vocab_16e6.txt.gz (OpenAI '
+                     'CLIP\'s) or --tokenizer_dir, or copy vocab.json and merges.txt of a '
+                     'Hugging Face CLIP (openai/clip-vit-base-patch16) into '
+                     f'{os.path.abspath(output)}')
       meta = dict(_base_meta(source_format, input_path), clip=summary, notes=notes)
       _write_meta(tmp, meta)
       _finish_output(tmp, output)
@@ -119,13 +125,13 @@ def convert(source_format: str, input_path: str, output: str, *, config_spec: st
     if conv.clip:
       clip_summary = openai_clip.write_hf_clip(
           os.path.join(tmp, CLIP_DIR), conv.clip, tokenizer_dir=tokenizer_dir,
-          text_heads=clip_text_heads, vision_heads=clip_vision_heads,
+          bpe_vocab=bpe_vocab, text_heads=clip_text_heads, vision_heads=clip_vision_heads,
           allow_missing=allow_missing, source=input_path, key_prefix=zegformer.CLIP_PREFIX)
       conv.skipped.update(clip_summary.pop('skipped'))
       ignored += clip_summary['ignored']
       if not clip_summary['tokenizer_files']:
         notes.append(f'{CLIP_DIR}/ has no tokenizer: copy vocab.json and merges.txt of a '
-                     'Hugging Face CLIP into it (or pass --tokenizer_dir)')
+                     'Hugging Face CLIP into it (or pass --tokenizer_dir or --bpe_vocab)')
     elif source_format == 'zegformer':
       notes.append('no clip_model.* tensors (a training-config checkpoint): use a Hugging '
                    'Face CLIP ViT-B/16 directory or an --from openai-clip conversion')
@@ -166,8 +172,8 @@ def main(argv: Sequence[str]) -> None:
                  config_spec=f['config'].config_filename if config is not None else '',
                  model_config=config.model if config is not None else None,
                  config_overrides=overrides, allow_missing=f.allow_missing,
-                 tokenizer_dir=f.tokenizer_dir, clip_text_heads=f.clip_text_heads,
-                 clip_vision_heads=f.clip_vision_heads, overwrite=f.overwrite)
+                 tokenizer_dir=f.tokenizer_dir, bpe_vocab=f.bpe_vocab,
+                 clip_text_heads=f.clip_text_heads, clip_vision_heads=f.clip_vision_heads, overwrite=f.overwrite)
   for note in meta['notes']:
     print(note)
   print(f'wrote {os.path.abspath(f.output)}')
@@ -185,6 +191,9 @@ def _run_program() -> None:
                     'flax paths that may stay unused / missing.')
   flags.DEFINE_string('tokenizer_dir', None,
                       'Hugging Face CLIP directory whose tokenizer files are copied.')
+  flags.DEFINE_string('bpe_vocab', None,
+                      "OpenAI CLIP's bpe_simple_vocab_16e6.txt.gz: vocab.json and merges.txt "
+                      'are built from it (instead of --tokenizer_dir).')
   flags.DEFINE_integer('clip_text_heads', None, 'CLIP text heads (default width // 64).')
   flags.DEFINE_integer('clip_vision_heads', None, 'CLIP vision heads (default width // 64).')
   flags.DEFINE_bool('overwrite', False, 'Replace a non-empty DIR.')

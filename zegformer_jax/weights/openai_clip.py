@@ -172,6 +172,85 @@ def openai_clip_to_hf(tensors: Mapping[str, np.ndarray], *, text_heads: Optional
   return config, traverse_util.unflatten_dict(params), skipped, ignored
 
 
+# OpenAI's SimpleTokenizer reads merges = lines[1:49152 - 256 - 2 + 1] of its
+# bpe_simple_vocab_16e6.txt.gz: 48894 merges, a vocabulary of 49408 tokens.
+OPENAI_BPE_MERGES = 49152 - 256 - 2
+OPENAI_BPE_FILE = 'bpe_simple_vocab_16e6.txt.gz'
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+  """OpenAI CLIP's (GPT-2's) byte -> printable character table, in its order."""
+  bs = (list(range(ord('!'), ord('~') + 1)) + list(range(ord('\xa1'), ord('\xac') + 1)) +
+        list(range(ord('\xae'), ord('\xff') + 1)))
+  cs = bs[:]
+  n = 0
+  for b in range(256):
+    if b not in bs:
+      bs.append(b)
+      cs.append(256 + n)
+      n += 1
+  return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def openai_bpe_vocab(bpe_path: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+  """(vocabulary in id order, merges) exactly as OpenAI's SimpleTokenizer builds them from
+  `bpe_simple_vocab_16e6.txt.gz` (gzip or plain text):
+
+    merges = lines 1 .. 49152-256-2 of the file (line 0 is a header),
+    vocab  = the 256 byte characters, the same with '</w>', the merged pairs, then
+             <|startoftext|>, <|endoftext|>.
+  """
+  import gzip
+  from zegformer_jax.modeling import clip
+  path = os.fspath(bpe_path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file (OpenAI CLIP\'s {OPENAI_BPE_FILE})')
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+    text = (gzip.decompress(raw) if raw[:2] == b'\x1f\x8b' else raw).decode('utf-8')
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise ConversionError(f'{path} is not a BPE merges file like {OPENAI_BPE_FILE} '
+                          f'({type(e).__name__}: {e})') from None
+  lines = text.split('\n')[1:OPENAI_BPE_MERGES + 1]
+  while lines and not lines[-1].strip():   # a short file's final newline
+    lines.pop()
+  merges = []
+  for number, line in enumerate(lines, 2):
+    pair = tuple(line.split())
+    if len(pair) != 2:
+      from zegformer_jax.weights import torch_pickle
+      kind = torch_pickle.looks_like(raw[:4096])
+      if kind and kind != 'a text file':
+        raise ConversionError(f'{path} is not a BPE merges file like {OPENAI_BPE_FILE}: it '
+                              f'looks like {kind}')
+      raise ConversionError(f'{path}: line {number} is {line[:60]!r}, not a merge "a b" '
+                            f'(is it {OPENAI_BPE_FILE}?)')
+    merges.append(pair)
+  if not merges:
+    raise ConversionError(f'{path}: no merges after its first line (is it {OPENAI_BPE_FILE}?)')
+  chars = list(_bytes_to_unicode().values())
+  vocab = chars + [c + '</w>' for c in chars] + [a + b for a, b in merges]
+  vocab += [clip.BOS_TOKEN, clip.EOS_TOKEN]
+  if len(set(vocab)) != len(vocab):
+    twice = sorted({t for t in vocab if vocab.count(t) > 1})[:5]
+    raise ConversionError(f'{path}: merges produce tokens more than once ({twice}); '
+                          'not a BPE vocabulary')
+  return vocab, merges
+
+
+def write_openai_bpe_tokenizer(bpe_path: str, directory: str) -> List[str]:
+  """Writes vocab.json and merges.txt (Hugging Face CLIPTokenizer layout) of OpenAI's
+  `bpe_simple_vocab_16e6.txt.gz` into `directory`; returns the file names."""
+  vocab, merges = openai_bpe_vocab(bpe_path)
+  with open(os.path.join(directory, 'vocab.json'), 'w', encoding='utf-8') as f:
+    json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
+  with open(os.path.join(directory, 'merges.txt'), 'w', encoding='utf-8') as f:
+    f.write('#version: 0.2\n')   # CLIPTokenizer skips the first line, like SimpleTokenizer
+    f.writelines(f'{a} {b}\n' for a, b in merges)
+  return ['vocab.json', 'merges.txt']
+
+
 def _tokenizer_ids(tokenizer_dir: str, vocab_size: int) -> Dict[str, int]:
   """{'bos', 'eos'} ids from a Hugging Face CLIP tokenizer directory (vocab.json)."""
   from zegformer_jax.modeling import clip
@@ -196,20 +275,32 @@ def _tokenizer_ids(tokenizer_dir: str, vocab_size: int) -> Dict[str, int]:
 
 
 def write_hf_clip(directory: str, tensors: Mapping[str, np.ndarray], *,
-                  tokenizer_dir: Optional[str] = None, text_heads: Optional[int] = None,
+                  tokenizer_dir: Optional[str] = None, bpe_vocab: Optional[str] = None,
+                  text_heads: Optional[int] = None,
                   vision_heads: Optional[int] = None, allow_missing: Sequence[str] = (),
                   source: str = '<clip>', key_prefix: str = '') -> Dict[str, Any]:
   """Writes an OpenAI CLIP state dict as a Hugging Face Flax CLIP directory.
 
-  `directory` must not exist or be empty. Returns a summary (config sizes, skipped keys,
-  whether a tokenizer was copied).
+  `directory` must not exist or be empty. The tokenizer files are copied from the Hugging
+  Face CLIP `tokenizer_dir`, or built from OpenAI's `bpe_vocab` (bpe_simple_vocab_16e6.txt.gz,
+  `write_openai_bpe_tokenizer`). Returns a summary (config sizes, skipped keys, the tokenizer
+  files written).
   """
   from transformers import FlaxCLIPModel
   from zegformer_jax.modeling import clip
+  if tokenizer_dir and bpe_vocab:
+    raise ValueError('give --tokenizer_dir (a Hugging Face CLIP) or --bpe_vocab (OpenAI\'s '
+                     f'{OPENAI_BPE_FILE}), not both')
   vocab = tensors.get('token_embedding.weight')
   token_ids = None
   if tokenizer_dir and vocab is not None:
     token_ids = _tokenizer_ids(tokenizer_dir, vocab.shape[0])
+  if bpe_vocab:
+    tokens, _ = openai_bpe_vocab(bpe_vocab)
+    if vocab is not None and len(tokens) != vocab.shape[0]:
+      raise ConversionError(f'{bpe_vocab}: the BPE vocabulary has {len(tokens)} tokens but '
+                            f'token_embedding has {vocab.shape[0]} rows')
+    token_ids = {'bos': tokens.index(clip.BOS_TOKEN), 'eos': tokens.index(clip.EOS_TOKEN)}
   config, params, skipped, ignored = openai_clip_to_hf(
       tensors, text_heads=text_heads, vision_heads=vision_heads, token_ids=token_ids,
       allow_missing=allow_missing, source=source, key_prefix=key_prefix)
@@ -217,6 +308,8 @@ def write_hf_clip(directory: str, tensors: Mapping[str, np.ndarray], *,
   model = FlaxCLIPModel(config, _do_init=False)
   model.save_pretrained(directory, params=params)
   copied = []
+  if bpe_vocab:
+    copied = write_openai_bpe_tokenizer(bpe_vocab, directory)
   if tokenizer_dir:
     for name in clip.TOKENIZER_FILES:
       if os.path.isfile(os.path.join(tokenizer_dir, name)):

@@ -2,7 +2,8 @@
 
 A store directory holds `convert_meta.json` (what the variables cover and which covered ones
 are intentionally absent) and `params/`, an orbax checkpoint of {'params', 'frozen'}.
-Training reads one with `load_params` (`--config.train.init_from=DIR`); the importers of
+Training reads one with `load_params` (`--config.train.init_from=DIR`), Python code with
+`load_model(config, DIR)` -> (model, variables); the importers of
 zegformer_jax.weights.convert and ShapesWorld backbone pretraining write one. This module
 knows nothing of the source formats, so training does not load them. Layout: docs/weights.md.
 """
@@ -158,3 +159,44 @@ def load_params(directory: str, params: Any, frozen: Any) -> Tuple[Any, Any]:
     merged[k] = value
   tree = traverse_util.unflatten_dict(merged)
   return tree.get('params', {}), tree.get('frozen', {})
+
+
+def load_model(config, directory: str, *, seed: int = 0,
+               num_classes: int = 1) -> Tuple[Any, Dict[str, Any]]:
+  """(model, variables) of a config's model with the weights of a store directory.
+
+  The one call that turns a converted directory (`python -m zegformer_jax.weights.convert`)
+  into something to run: `model.apply(variables, images, text_embeddings, train=False)`.
+
+  Args:
+    config: an experiment config (its `model` is used) or the `model` sub-config itself.
+    directory: DIR written by the converter (or by ShapesWorld backbone pretraining).
+    seed: initial values of the variables the store does not cover (a backbone-only
+      import); when it covers every variable nothing is initialised or compiled.
+    num_classes: K of the dummy initialisation (only matters for a method whose parameters
+      depend on K).
+
+  Returns:
+    (the flax module, {'params': ..., 'frozen': ...} of jax arrays).
+
+  Raises:
+    FileNotFoundError / ValueError (load_params) naming the directory and the variable.
+  """
+  import jax
+  from flax import traverse_util
+  from zegformer_jax.modeling import methods
+
+  directory = os.fspath(directory)
+  read_meta(directory)   # a directory of something else: one clear error before any work
+  model_config = config.model if 'model' in config else config
+  model = methods.build_model(model_config)
+
+  def init(key):
+    return methods.init_variables(model, key, num_classes=num_classes)
+
+  variables = jax.eval_shape(init, jax.random.key(seed))
+  saved = checkpoint_shapes(directory)
+  if any(k not in saved for k in traverse_util.flatten_dict(dict(variables))):
+    variables = init(jax.random.key(seed))   # some variables keep their initial values
+  params, frozen = load_params(directory, variables['params'], variables.get('frozen', {}))
+  return model, {'params': params, 'frozen': frozen}

@@ -49,6 +49,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -424,10 +425,14 @@ def _load_pickle_stream(path: str) -> Any:
         raise TorchFileError(f'{path}: storage {key} is listed but not used')
       header = f.read(8)
       if len(header) != 8:
-        raise TorchFileError(f'{path}: truncated at storage {key}')
+        raise TorchFileError(f'{path} is truncated: it ends before storage {key} '
+                             f'({_REDOWNLOAD})')
       (numel,) = struct.unpack('<q', header)
       nbytes = numel * storage.dtype.itemsize
       raw = f.read(nbytes)
+      if numel == storage.numel and len(raw) < nbytes:
+        raise TorchFileError(f'{path} is truncated: storage {key} has {len(raw)} of its '
+                             f'{nbytes} bytes ({_REDOWNLOAD})')
       if numel != storage.numel or len(raw) != nbytes:
         raise TorchFileError(f'{path}: storage {key} has {len(raw)} bytes, {numel} elements '
                              f'announced, {storage.numel} expected')
@@ -478,19 +483,100 @@ def _resolve(obj, _depth=0):
   return obj
 
 
+# What unpickling garbage can raise (besides UnpicklingError): the opcodes are read from the
+# file, so any of these can come out of a damaged or foreign file.
+_DAMAGED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, OverflowError, MemoryError, RecursionError, struct.error)
+_ZIP_DAMAGED = _DAMAGED + (zipfile.BadZipFile, zlib.error, NotImplementedError)
+_ZIP_LOCAL_HEADER = b'PK\x03\x04'
+_REDOWNLOAD = 'an interrupted download or copy? fetch the file again'
+
+
+def looks_like(head: bytes) -> Optional[str]:
+  """What a file that starts with `head` (its first few KB) looks like, when that is a
+  format other than a checkpoint: 'an HTML page', 'a Git LFS pointer ...', ...; else None."""
+  text = head.lstrip(b'\xef\xbb\xbf \t\r\n').lower()
+  if text.startswith((b'<!doctype html', b'<html')) or (
+      text.startswith(b'<') and b'<html' in text):
+    return 'an HTML page (a web page saved instead of the file: a login, error or redirect page?)'
+  if text.startswith(b'version https://git-lfs'):
+    return 'a Git LFS pointer (the file itself was never fetched: run `git lfs pull`)'
+  if text.startswith(b'<?xml') or text.startswith(b'<'):
+    return 'an XML document'
+  if text[:1] in (b'{', b'['):
+    return 'JSON text'
+  signatures = ((b'\x1f\x8b', 'gzip-compressed data (decompress it first)'),
+                (b'\x89HDF', 'an HDF5 file (Keras / TensorFlow weights)'),
+                (b'\x93NUMPY', 'a single numpy .npy array'),
+                (b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'),
+                (b'%PDF', 'a PDF document'), (b'BZh', 'bzip2-compressed data'),
+                (b'\xfd7zXZ', 'xz-compressed data'), (b'7z\xbc\xaf', 'a 7-zip archive'),
+                (b'Rar!', 'a RAR archive'))
+  for magic, kind in signatures:
+    if head.startswith(magic):
+      return kind
+  if len(head) >= 10 and head[8:10] == b'{"':
+    return 'a safetensors file (give it the .safetensors extension)'
+  if len(head) > 262 and head[257:262] == b'ustar':
+    return 'a tar archive (extract it first)'
+  try:
+    decoded = head.decode('utf-8')
+  except UnicodeDecodeError:
+    # A cut in the middle of a multi-byte character at the end of `head` is still text.
+    try:
+      decoded = head[:-3].decode('utf-8')
+    except UnicodeDecodeError:
+      return None
+  if decoded and all(c.isprintable() or c in '\t\r\n\f' for c in decoded):
+    return 'a text file'
+  return None
+
+
+def _not_a_checkpoint(path: str, head: bytes) -> TorchFileError:
+  kind = looks_like(head) or 'binary data of an unknown format'
+  return TorchFileError(f'{path} is not a PyTorch checkpoint: it looks like {kind}')
+
+
 def load(path: str) -> Any:
   """Loads a torch checkpoint (zip, TorchScript archive or legacy) or a plain pickle.
 
   Tensors come back as numpy arrays (float16/bfloat16 kept as stored), TorchScript modules
   as `ScriptObject`s (see `script_tensors`). Raises UnsafePickleError for any global outside
-  the allow-list, TorchFileError for a malformed file.
+  the allow-list, TorchFileError for a malformed file: one naming the file and what it is
+  instead (an HTML page, a Git LFS pointer, text, ...), or saying that it is truncated.
   """
   path = os.fspath(path)
+  size = os.path.getsize(path)
+  if size == 0:
+    raise TorchFileError(f'{path} is empty (0 bytes), not a PyTorch checkpoint ({_REDOWNLOAD})')
+  with open(path, 'rb') as f:
+    head = f.read(4096)
   if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  if os.path.getsize(path) == 0:
-    raise TorchFileError(f'{path}: empty file')
-  return _load_pickle_stream(path)
+    try:
+      return _load_zip(path)
+    except (UnsafePickleError, TorchFileError):
+      raise
+    except _ZIP_DAMAGED as e:
+      raise TorchFileError(f'{path} is a damaged PyTorch zip checkpoint ({type(e).__name__}: '
+                           f'{e}; {_REDOWNLOAD})') from None
+  if head.startswith(_ZIP_LOCAL_HEADER):
+    raise TorchFileError(f'{path} is truncated: a zip archive (the PyTorch checkpoint format) '
+                         f'without its end, {size} bytes ({_REDOWNLOAD})')
+  # Protocol 2+ pickles start with PROTO; older ones (protocol 0 is ASCII) are tried too.
+  pickled = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+  try:
+    return _load_pickle_stream(path)
+  except (UnsafePickleError, TorchFileError):
+    raise
+  except _DAMAGED as e:
+    truncated = isinstance(e, EOFError) or 'truncated' in str(e)
+    if pickled and truncated:
+      raise TorchFileError(f'{path} is truncated: its pickle data stops early, at {size} bytes '
+                           f'({_REDOWNLOAD})') from None
+    if pickled:
+      raise TorchFileError(f'{path} is not a readable PyTorch checkpoint: damaged pickle data '
+                           f'({type(e).__name__}: {e})') from None
+    raise _not_a_checkpoint(path, head) from None
 
 
 def script_tensors(obj: Any, prefix: str = '') -> Dict[str, np.ndarray]:

@@ -43,6 +43,11 @@ def main(argv):
   t0 = time.time()
   os.makedirs(FLAGS.workdir, exist_ok=True)
   config = prepare.prepare(FLAGS.config, FLAGS.workdir)
+  # config.json as `main` writes it, so tools.compare and readers see the demo's run alike.
+  from zegformer_jax.training import checkpoints
+  from zegformer_jax.training import metric_writers
+  metric_writers.record_config(FLAGS.workdir, config.to_json_best_effort(indent=2),
+                               resuming=checkpoints.has_checkpoint(FLAGS.workdir))
   summary = train.train(config, FLAGS.workdir)
   _, state = evaluator.load_trained_state(config, FLAGS.workdir)   # once, for both evaluations
   results = evaluator.evaluate_variants(config, FLAGS.workdir, FLAGS.variants, state=state)
