@@ -3,10 +3,15 @@
 ZegCLIP keeps CLIP's image encoder frozen and learns `num_prompts` prompt tokens for each of
 its first `prompt_depth` layers (VPT-deep, Jia et al. 2022): the tokens of layer i sit
 between the [CLS] token and the patch tokens while layer i runs, and the next layer's
-prompts replace them before layer i + 1; the prompts' outputs are never read. At 512 px
+prompts replace them before layer i + 1; the prompts' outputs are never read. Every
+prompt passes through one shared linear map (`prompt_proj`) and dropout 0.1 before it is
+inserted; after the last layer a LayerNorm of its own (`prompt_norm`, eps 1e-6), then
+CLIP's frozen post-LayerNorm and projection apply to every token, and the [CLS] token and
+the patch tokens, L2-normalised, are the image's global embedding and its dense
+embeddings in CLIP's joint space (ZegCLIP's img_encoder.py, out_indices = [11]). At 512 px
 the 16-px patches form a 32 x 32 grid where CLIP was trained on 14 x 14 (224 px): the
-position embeddings of the patches are resized bicubically, as PyTorch's
-`F.interpolate(mode='bicubic', align_corners=False)` does it (`torch_bicubic_matrix`), the
+position embeddings of the patches are resized bilinearly, as ZegCLIP's
+`F.interpolate(mode='bilinear', align_corners=False)` does (`torch_linear_matrix`), the
 [CLS] position kept.
 
 The parameters are those of transformers' FlaxCLIPVisionTransformer under the same names
@@ -14,7 +19,9 @@ The parameters are those of transformers' FlaxCLIPVisionTransformer under the sa
 `vision_model` subtree of a FlaxCLIPModel loaded from a Hugging Face directory (the path
 that loads openai/clip-vit-base-patch16) is used as it is; its encoder layers are
 transformers' own FlaxCLIPEncoderLayer modules, driven one by one here so that prompts can
-be inserted between them. The only new parameter is `deep_prompts`. Freezing CLIP is the
+be inserted between them. The new parameters, the only trainable ones in ZegCLIP, are
+`deep_prompts`, `prompt_proj` and `prompt_norm`; `visual_projection` is FlaxCLIPModel's
+top-level projection. Freezing CLIP is the
 optimiser's job (a parameter partition), not this module's.
 """
 from typing import Any, Sequence, Tuple
@@ -25,36 +32,28 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def torch_bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
-  """[size_out, size_in] float64 weights of PyTorch's 1-D bicubic resize (align_corners=False).
+def torch_linear_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] float64 weights of PyTorch's 1-D linear resize (align_corners=False).
 
-  Output i samples the input at x = (i + 0.5) * size_in / size_out - 0.5 with the cubic
-  convolution kernel of parameter a (-0.75, PyTorch's; jax.image.resize uses Keys' -0.5),
-  indices clamped to the border. Applied on both axes it is `F.interpolate(..., 'bicubic')`.
+  Output i samples the input at x = (i + 0.5) * size_in / size_out - 0.5, clamped below at
+  0 (PyTorch's area_pixel_compute_source_index), between floor(x) and the next index
+  (clamped to the last). Applied on both axes it is `F.interpolate(..., 'bilinear')`.
   """
-  def kernel(t):
-    t = abs(t)
-    if t <= 1:
-      return ((a + 2) * t - (a + 3)) * t * t + 1
-    if t < 2:
-      return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
-    return 0.0
-
   w = np.zeros((size_out, size_in), np.float64)
-  scale = size_in / size_out
   for i in range(size_out):
-    x = (i + 0.5) * scale - 0.5
-    x0 = int(np.floor(x))
+    x = max((i + 0.5) * size_in / size_out - 0.5, 0.0)
+    x0 = min(int(np.floor(x)), size_in - 1)
     t = x - x0
-    for k in range(-1, 3):
-      w[i, min(max(x0 + k, 0), size_in - 1)] += kernel(k - t)
+    w[i, x0] += 1 - t
+    w[i, min(x0 + 1, size_in - 1)] += t
   return w
 
 
 def resize_position_embeddings(table, grid: Tuple[int, int]) -> jnp.ndarray:
   """[1 + G*G, D] CLIP position table -> [1 + h*w, D] for a patch grid `grid` = (h, w).
 
-  The [CLS] row is kept; the G x G patch rows are resized bicubically (PyTorch's kernel).
+  The [CLS] row is kept; the G x G patch rows are resized bilinearly as ZegCLIP does
+  (img_encoder.py: F.interpolate(mode='bilinear'), 14 x 14 -> 32 x 32 at 512 px).
   """
   n, d = table.shape
   g = int(round((n - 1) ** 0.5))
@@ -64,8 +63,8 @@ def resize_position_embeddings(table, grid: Tuple[int, int]) -> jnp.ndarray:
   if (h, w) == (g, g):
     return table
   patches = table[1:].reshape(g, g, d)
-  rows = jnp.asarray(torch_bicubic_matrix(g, h), table.dtype)
-  cols = jnp.asarray(torch_bicubic_matrix(g, w), table.dtype)
+  rows = jnp.asarray(torch_linear_matrix(g, h), table.dtype)
+  cols = jnp.asarray(torch_linear_matrix(g, w), table.dtype)
   patches = jnp.einsum('hi,ijd,wj->hwd', rows, patches, cols)
   return jnp.concatenate([table[:1], patches.reshape(h * w, d)], axis=0)
 
@@ -115,32 +114,33 @@ class _Encoder(nn.Module):
 
 
 class PromptedCLIPVisionEncoder(nn.Module):
-  """CLIP ViT with deep prompts; returns per-layer patch tokens and the image embedding.
+  """CLIP ViT with deep prompts: dense and global image embeddings in CLIP's joint space.
 
   Attributes:
     config: the transformers CLIPVisionConfig of the loaded CLIP.
-    num_prompts: P, prompt tokens per layer (0: plain CLIP).
-    prompt_depth: layers 0 .. prompt_depth-1 receive prompts (ZegCLIP: all of them).
-    out_indices: layers whose output patch tokens are returned (0-based).
-    prompt_init: prompts start uniform in [-v, v], v = sqrt(6 / (3 * patch_size^2 + D))
-      (VPT's Xavier-uniform over the patch-embedding fan-in) when 0; else this v.
+    projection_dim: width of CLIP's joint space (visual_projection's output).
+    num_prompts: N, prompt tokens per layer (ZegCLIP: 10 on VOC, 100 on COCO-Stuff; 0:
+      plain CLIP, no prompt parameters).
+    prompt_depth: layers 0 .. prompt_depth-1 receive prompts (ZegCLIP: all 12).
+    out_indices: layers whose raw output patch tokens are also returned (0-based).
+    prompt_dropout: dropout on the projected prompts (ZegCLIP: 0.1).
   """
   config: Any
+  projection_dim: int
   num_prompts: int
   prompt_depth: int
-  out_indices: Sequence[int]
-  prompt_init: float = 0.0
+  out_indices: Sequence[int] = ()
+  prompt_dropout: float = 0.1
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images) -> dict:
+  def __call__(self, images, deterministic: bool = True) -> dict:
     """images: [B, H, W, 3] CLIP-normalised, H and W multiples of the patch size.
 
     Returns:
-      'layers': tuple over out_indices of [B, h, w, D] patch tokens (before post_layernorm);
-      'patches': [B, h, w, D] the last layer's patch tokens after post_layernorm;
-      'cls': [B, D] the last layer's [CLS] token after post_layernorm (CLIP's pooled
-        output; visual_projection maps it to the joint space);
+      'patches': [B, h, w, E] L2-normalised dense embeddings (E = projection_dim);
+      'cls': [B, E] the L2-normalised global embedding ([CLS] through the same head);
+      'layers': tuple over out_indices of [B, h, w, D] raw patch tokens of those layers;
       'grid': (h, w).
     """
     cfg = self.config
@@ -149,24 +149,46 @@ class PromptedCLIPVisionEncoder(nn.Module):
       raise ValueError(f'prompt_depth={self.prompt_depth}: CLIP has {num_layers} layers')
     if any(not 0 <= i < num_layers for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)}: CLIP has {num_layers} layers')
-    d, p = cfg.hidden_size, self.num_prompts
+    d, n = cfg.hidden_size, self.num_prompts
     x, (h, w) = _VisionEmbeddings(cfg, self.dtype, name='embeddings')(images.astype(self.dtype))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
-    if p and self.prompt_depth:
-      v = self.prompt_init or float(np.sqrt(6.0 / (3 * cfg.patch_size ** 2 + d)))
-      init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -v, v)
-      prompts = self.param('deep_prompts', init, (self.prompt_depth, p, d))
+    prompted = bool(n and self.prompt_depth)
+    if prompted:
+      # VPT's Xavier-uniform bound over the patch embedding's fan-in (0.0625 for ViT-B/16).
+      v = float(np.sqrt(6.0 / (3 * cfg.patch_size ** 2 + d)))
+      prompts = self.param('deep_prompts',
+                           lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -v, v),
+                           (self.prompt_depth, n, d))
+      # kaiming_normal_(mode='fan_out') of a d x d torch Linear: std sqrt(2 / d).
+      prompts = nn.Dense(d, dtype=self.dtype, name='prompt_proj',
+                         kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+                         bias_init=nn.initializers.zeros)(prompts)
+      prompts = nn.Dropout(self.prompt_dropout)(prompts, deterministic=deterministic)
     encoder = _Encoder(cfg, self.dtype, name='encoder')
     b = x.shape[0]
-    outs = []
+    layers = []
     for i in range(num_layers):
-      has_prompts = p and i < self.prompt_depth
-      if has_prompts:   # [CLS, prompts_i, patches]: layer i's prompts replace layer i-1's
-        x = jnp.concatenate([x[:, :1], jnp.broadcast_to(prompts[i].astype(x.dtype), (b, p, d)),
+      if prompted and i < self.prompt_depth:   # [CLS, prompts_i, patches]: replace layer i-1's
+        x = jnp.concatenate([x[:, :1], jnp.broadcast_to(prompts[i].astype(x.dtype), (b, n, d)),
                              x[:, -h * w:]], axis=1)
       x = encoder(i, x)
       if i in self.out_indices:
-        outs.append(x[:, -h * w:].reshape(b, h, w, d))
+        layers.append(x[:, -h * w:].reshape(b, h, w, d))
+    if prompted:
+      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='prompt_norm')(x)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='post_layernorm')(x)
-    return {'layers': tuple(outs), 'patches': x[:, -h * w:].reshape(b, h, w, d),
-            'cls': x[:, 0], 'grid': (h, w)}
+    x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                 name='visual_projection')(x)
+    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return {'patches': x[:, -h * w:].reshape(b, h, w, -1), 'cls': x[:, 0],
+            'layers': tuple(layers), 'grid': (h, w)}
+
+
+def clip_params(clip_model_params) -> dict:
+  """The encoder's frozen parameters from FlaxCLIPModel.params: its vision_model subtree
+  and the top-level visual_projection."""
+  return dict(clip_model_params['vision_model'],
+              visual_projection=clip_model_params['visual_projection'])
+
+
+PROMPT_PARAMS = ('deep_prompts', 'prompt_proj', 'prompt_norm')   # ZegCLIP's trainable ones
