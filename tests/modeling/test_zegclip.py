@@ -1,0 +1,136 @@
+"""ZegCLIP's head and loss (modeling/zegclip.py, zegclip_loss.py) against float64 numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zegformer_jax.modeling import zegclip
+from zegformer_jax.modeling import zegclip_loss
+
+
+def _ln(x, p, eps=1e-5):
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * np.asarray(p['scale']) + np.asarray(p['bias'])
+
+
+def _dense(x, p):
+  return x @ np.asarray(p['kernel'], np.float64) + np.asarray(p['bias'], np.float64)
+
+
+def _numpy_head(params, dense, g, text, num_layers, heads):
+  b, h, w, e = dense.shape
+  tokens = dense.reshape(b, h * w, e)
+  q = np.concatenate([text[None] * g[:, None], np.broadcast_to(text, (b,) + text.shape)], -1)
+  q = _dense(q, params['q_proj'])
+  hd = e // heads
+  for i in range(num_layers):
+    p = params[f'layers_{i}']
+    a = p['cross_attn']
+    qq = _dense(q, a['q']).reshape(b, -1, heads, hd)
+    kk = _dense(tokens, a['k']).reshape(b, -1, heads, hd)
+    vv = _dense(tokens, a['v']).reshape(b, -1, heads, hd)
+    logits = np.zeros((b, heads, q.shape[1], h * w))
+    out = np.zeros((b, q.shape[1], heads, hd))
+    for bi in range(b):
+      for hi in range(heads):
+        lg = qq[bi, :, hi] @ kk[bi, :, hi].T / np.sqrt(hd)
+        logits[bi, hi] = lg
+        sm = np.exp(lg - lg.max(-1, keepdims=True))
+        sm /= sm.sum(-1, keepdims=True)
+        out[bi, :, hi] = sm @ vv[bi, :, hi]
+    x = _ln(q + _dense(out.reshape(b, -1, e), a['proj']), p['norm2'])
+    y = _dense(np.maximum(_dense(x, p['linear1']), 0), p['linear2'])
+    q = _ln(x + y, p['norm3'])
+    mask = logits.mean(axis=1)                                  # [B, C, T], last layer wins
+  return mask.transpose(0, 2, 1).reshape(b, h, w, -1)
+
+
+def test_relationship_descriptor():
+  t = np.random.RandomState(0).randn(3, 4)
+  g = np.random.RandomState(1).randn(2, 4)
+  out = np.asarray(zegclip.relationship_descriptor(jnp.asarray(t), jnp.asarray(g)))
+  assert out.shape == (2, 3, 8)
+  for b in range(2):
+    for c in range(3):
+      np.testing.assert_allclose(out[b, c], np.concatenate([t[c] * g[b], t[c]]), rtol=1e-6)
+
+
+def test_head_against_numpy():
+  rng = np.random.RandomState(0)
+  dense = rng.randn(2, 3, 4, 16).astype(np.float32)
+  g = rng.randn(2, 16).astype(np.float32)
+  text = rng.randn(5, 16).astype(np.float32)
+  head = zegclip.ZegCLIPHead(num_layers=2, num_heads=4, ffn_dim=32)
+  params = head.init(jax.random.PRNGKey(0), dense, g, text)['params']
+  # Non-trivial LayerNorms and biases, so the oracle sees every term.
+  params = jax.tree_util.tree_map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape), params)
+  out = np.asarray(head.apply({'params': params}, dense, g, text))
+  assert out.shape == (2, 3, 4, 5) and out.dtype == np.float32
+  p64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
+  ref = _numpy_head(p64, dense.astype(np.float64), g.astype(np.float64),
+                    text.astype(np.float64), 2, 4)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_scores():
+  logits = jnp.asarray([[0.0, 0.2, -0.1]])
+  seen = jnp.asarray([True, True, False])
+  s = np.asarray(zegclip.calibrated_scores(logits, seen))
+  sig = 1 / (1 + np.exp(-np.asarray(logits)))
+  np.testing.assert_allclose(s, sig - [[0.1, 0.1, 0.0]], rtol=1e-6)
+  assert int(np.argmax(s)) == 2 and int(np.argmax(sig)) == 1   # the penalty flips it
+
+
+def _numpy_loss(logits, label, c, ignore, valid):
+  b = logits.shape[0]
+  focal, dice, n = 0.0, 0.0, 0
+  for bi in range(b):
+    keep = valid[bi]
+    for ci in range(c):
+      x = logits[bi, ..., ci][keep]
+      y = (label[bi][keep] == ci).astype(np.float64)
+      p = 1 / (1 + np.exp(-x))
+      ce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+      p_t = p * y + (1 - p) * (1 - y)
+      a_t = 0.25 * y + 0.75 * (1 - y)
+      focal += np.mean(a_t * ce * (1 - p_t) ** 2)
+      if y.sum() > 0:
+        n += 1
+        dice += 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+  n = max(n, 1)
+  return 100 * focal / n + dice / n, focal / n, dice / n, n
+
+
+def test_loss_against_numpy_with_ignore_and_padding():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(2, 5, 6, 4) * 2
+  label = rng.randint(0, 4, (2, 5, 6))
+  label[0, 0, :] = 255                     # ignored: negatives for every class
+  label[1][label[1] == 3] = 2              # class 3 absent from image 1
+  valid = np.ones((2, 5, 6), bool)
+  valid[1, :, 4:] = False                  # padding: left out
+  loss, terms = zegclip_loss.zegclip_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(label),
+                                          4, 255, jnp.asarray(valid))
+  ref, focal, dice, n = _numpy_loss(logits, label, 4, 255, valid)
+  assert float(terms['num_masks']) == n == 7
+  np.testing.assert_allclose(float(terms['loss_focal']), focal, rtol=1e-5)
+  np.testing.assert_allclose(float(terms['loss_dice']), dice, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  # Without valid_pixels every pixel counts (ZegCLIP's 255 padding as negatives).
+  loss_all, _ = zegclip_loss.zegclip_loss(jnp.asarray(logits, jnp.float32),
+                                          jnp.asarray(label), 4, 255)
+  np.testing.assert_allclose(float(loss_all),
+                             _numpy_loss(logits, label, 4, 255, np.ones_like(valid))[0],
+                             rtol=1e-5)
+
+
+def test_focal_hand_value():
+  # logit 0, positive: p = 0.5, ce = ln 2, (1 - p_t)^2 = 0.25, alpha 0.25.
+  v = float(zegclip_loss.sigmoid_focal(jnp.asarray(0.0), jnp.asarray(1.0)))
+  np.testing.assert_allclose(v, 0.25 * np.log(2) * 0.25, rtol=1e-6)
+  # A confident right negative costs almost nothing; a confident wrong one a lot.
+  assert float(zegclip_loss.sigmoid_focal(jnp.asarray(-8.0), jnp.asarray(0.0))) < 1e-6
+  assert float(zegclip_loss.sigmoid_focal(jnp.asarray(8.0), jnp.asarray(0.0))) > 5
+  # Gradients are finite at large logits.
+  g = jax.grad(lambda x: zegclip_loss.sigmoid_focal(x, 1.0))(jnp.asarray(-60.0))
+  assert np.isfinite(float(g))

@@ -1,0 +1,108 @@
+"""ZegCLIP's head (Zhou et al., CVPR 2023): class queries from text, masks from attention.
+
+One query per class: the relationship descriptor (§3.2) joins the class's text embedding
+t with the image's global embedding g, [t ⊙ g, t] (2E), and a linear map brings it back to
+E. Three decoder layers (ZegCLIP's TPN_DecoderLayer: cross-attention to the dense
+embeddings, then an FFN, each a post-norm residual; no self-attention) refine the queries;
+the per-class mask logits are the last layer's cross-attention logits before the softmax,
+averaged over heads (decode_seg.py, ATMSingleHeadSeg with use_stages = 1). There is no
+class-score head: a class's mask is its score map, and classes are not mutually exclusive
+(sigmoid per class, zegclip_loss.py).
+
+Shapes: B images, C classes, h x w patch grid, E = CLIP's joint width (512 for ViT-B/16).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def relationship_descriptor(text, image_global):
+  """[B, C, 2E] = [t ⊙ g, t] for text [C, E] (or [B, C, E]) and global embeddings g [B, E]."""
+  text = jnp.broadcast_to(text, (image_global.shape[0],) + text.shape[-2:])
+  return jnp.concatenate([text * image_global[:, None, :], text], axis=-1)
+
+
+def _trunc_normal(std=0.02):
+  return nn.initializers.truncated_normal(std)
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention of queries [B, C, E] over tokens [B, T, E].
+
+  Returns (output [B, C, E], logits [B, C, T]): the scaled q·k logits before the softmax,
+  averaged over heads (ZegCLIP reads its masks from them).
+  """
+  num_heads: int
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, tokens, deterministic: bool = True):
+    e = queries.shape[-1]
+    hd = e // self.num_heads
+    dense = lambda name: nn.Dense(e, dtype=self.dtype, name=name, kernel_init=_trunc_normal())
+    split = lambda x: x.reshape(x.shape[:2] + (self.num_heads, hd))
+    q, k, v = split(dense('q')(queries)), split(dense('k')(tokens)), split(dense('v')(tokens))
+    logits = jnp.einsum('bchd,bthd->bhct', q, k) * hd ** -0.5
+    attn = nn.Dropout(self.dropout)(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
+    out = jnp.einsum('bhct,bthd->bchd', attn, v).reshape(queries.shape)
+    return dense('proj')(out), jnp.mean(logits, axis=1)
+
+
+class DecoderLayer(nn.Module):
+  """Cross-attention then FFN, each `x = LN(x + dropout(f(x)))` (post-norm, no self-attention)."""
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, tokens, deterministic: bool = True):
+    drop = lambda x: nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    attended, logits = CrossAttention(self.num_heads, self.dropout, self.dtype,
+                                      name='cross_attn')(queries, tokens, deterministic)
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm2')(queries + drop(attended))
+    y = nn.Dense(self.ffn_dim, dtype=self.dtype, name='linear1', kernel_init=_trunc_normal())(x)
+    y = nn.Dense(x.shape[-1], dtype=self.dtype, name='linear2',
+                 kernel_init=_trunc_normal())(drop(jax.nn.relu(y)))
+    x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm3')(x + drop(y))
+    return x, logits
+
+
+class ZegCLIPHead(nn.Module):
+  """Text + image embeddings -> per-class mask logits on the patch grid.
+
+  Attributes: num_layers (3), num_heads (8), ffn_dim (2048), dropout (0.1).
+  """
+  num_layers: int = 3
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, dense, image_global, text, deterministic: bool = True):
+    """dense: [B, h, w, E] patch embeddings; image_global: [B, E]; text: [C, E].
+
+    Returns [B, h, w, C] float32 mask logits (the last layer's attention logits).
+    """
+    b, h, w, e = dense.shape
+    tokens = dense.reshape(b, h * w, e)
+    queries = nn.Dense(e, dtype=self.dtype, name='q_proj', kernel_init=_trunc_normal())(
+        relationship_descriptor(text.astype(dense.dtype), image_global))
+    logits = None
+    for i in range(self.num_layers):
+      queries, logits = DecoderLayer(self.num_heads, self.ffn_dim, self.dropout, self.dtype,
+                                     name=f'layers_{i}')(queries, tokens, deterministic)
+    return jnp.transpose(logits, (0, 2, 1)).reshape(b, h, w, -1).astype(jnp.float32)
+
+
+def calibrated_scores(mask_logits, seen_mask, seen_penalty: float = 0.1):
+  """ZegCLIP's inference: sigmoid per class, `seen_penalty` subtracted from seen classes.
+
+  mask_logits: [..., C]; seen_mask: [C] bool. Inductive models use 0.1, transductive 0.
+  The argmax over C is the label.
+  """
+  return jax.nn.sigmoid(mask_logits) - seen_penalty * seen_mask.astype(jnp.float32)
