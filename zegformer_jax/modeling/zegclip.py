@@ -106,3 +106,81 @@ def calibrated_scores(mask_logits, seen_mask, seen_penalty: float = 0.1):
   The argmax over C is the label.
   """
   return jax.nn.sigmoid(mask_logits) - seen_penalty * seen_mask.astype(jnp.float32)
+
+
+def upsample_logits(mask_logits, hw):
+  """[B, h, w, C] -> [B, H, W, C], bilinear as PyTorch's align_corners=False (upsampling:
+  jax.image.resize's triangle kernel with edge renormalisation gives the same weights)."""
+  b, _, _, c = mask_logits.shape
+  return jax.image.resize(mask_logits, (b,) + tuple(hw) + (c,), 'linear', antialias=False)
+
+
+class ZegCLIP(nn.Module):
+  """The one-stage model: deep-prompted frozen CLIP ViT + ZegCLIP's head.
+
+  Attributes:
+    clip_config: transformers CLIPVisionConfig of the CLIP whose weights are loaded.
+    projection_dim: CLIP's joint width E.
+    num_prompts, prompt_depth, prompt_dropout: the encoder's deep prompts.
+    num_layers, num_heads, ffn_dim, dropout: the head.
+
+  Parameters: 'image_encoder' (CLIP's vision_model names + visual_projection, frozen,
+  and the prompt parameters) and 'head'; `trainable` says which ones train.
+  """
+  clip_config: Any
+  projection_dim: int
+  num_prompts: int = 10
+  prompt_depth: int = 12
+  prompt_dropout: float = 0.1
+  num_layers: int = 3
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  dropout: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, text_embeddings, train: bool = False):
+    """images: [B, H, W, 3] CLIP-normalised; text_embeddings: [C, E] L2-normalised.
+
+    Returns {'mask_logits': [B, h, w, C] on the patch grid,
+             'sem_seg_logits': [B, H, W, C] upsampled to the input}.
+    """
+    from zegformer_jax.modeling import prompted_vit
+    enc = prompted_vit.PromptedCLIPVisionEncoder(
+        self.clip_config, self.projection_dim, self.num_prompts, self.prompt_depth,
+        prompt_dropout=self.prompt_dropout, dtype=self.dtype, name='image_encoder')(
+            images, deterministic=not train)
+    logits = ZegCLIPHead(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
+                         self.dtype, name='head')(enc['patches'], enc['cls'],
+                                                  text_embeddings, deterministic=not train)
+    return {'mask_logits': logits, 'sem_seg_logits': upsample_logits(logits, images.shape[1:3])}
+
+
+def trainable(path) -> bool:
+  """Whether the parameter at `path` (a tuple of keys) trains: the head and the prompt
+  parameters; CLIP's own weights stay frozen (ZegCLIP: only names with 'prompt' in the
+  backbone, the whole decode head)."""
+  from zegformer_jax.modeling import prompted_vit
+  return path[0] == 'head' or (path[0] == 'image_encoder' and
+                               path[1] in prompted_vit.PROMPT_PARAMS)
+
+
+def with_clip_weights(params, clip_model_params):
+  """`params` of a ZegCLIP with its image encoder's CLIP weights replaced by those of a
+  FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); shapes are checked."""
+  from zegformer_jax.modeling import prompted_vit
+  clip_tree = prompted_vit.clip_params(clip_model_params)
+  encoder = dict(params['image_encoder'])
+  flat_new = jax.tree_util.tree_flatten_with_path(clip_tree)[0]
+  flat_old = dict(jax.tree_util.tree_flatten_with_path(
+      {k: v for k, v in encoder.items() if k in clip_tree})[0])
+  for path, leaf in flat_new:
+    if path not in flat_old:
+      raise ValueError(f'CLIP weight {jax.tree_util.keystr(path)} has no place in the model')
+    if tuple(flat_old[path].shape) != tuple(leaf.shape):
+      raise ValueError(f'CLIP weight {jax.tree_util.keystr(path)} has shape {leaf.shape}, '
+                       f'the model wants {flat_old[path].shape}: another CLIP architecture?')
+  if len(flat_old) != len(flat_new):
+    raise ValueError('the CLIP weights do not cover the image encoder')
+  encoder.update(clip_tree)
+  return dict(params, image_encoder=encoder)
