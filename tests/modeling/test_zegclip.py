@@ -210,3 +210,33 @@ def test_with_clip_weights_names_a_shape_mismatch(tmp_path):
   with pytest.raises(ValueError, match=r"\['visual_projection'\]\['kernel'\] has shape "
                                        r"\(64, 7\), the model wants"):
     zegclip.with_clip_weights(params, other)
+
+
+def test_learnable_parameters_match_zegclips_readme():
+  """ViT-B/16 shapes at 512 px, nothing computed (eval_shape). ZegCLIP's README gives 13.8M
+  (VOC, 10 prompts) and 14.6M (COCO-Stuff, 100 prompts) learnable parameters; its decoder
+  layers are torch TransformerDecoderLayers whose self-attention (in_proj 3·512² + 3·512,
+  out_proj 512² + 512) and norm1 (2·512) exist but are never called: 1,051,648 per layer,
+  3,154,944 for three, counted there and absent here."""
+  from flax import traverse_util
+  from transformers import CLIPVisionConfig
+  vit_b16 = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, image_size=224, patch_size=16)
+  unused = 3 * (3 * 512 * 512 + 3 * 512 + 512 * 512 + 512 + 2 * 512)
+  assert unused == 3_154_944
+  for prompts, readme in ((10, 13.8e6), (100, 14.6e6)):
+    model = zegclip.ZegCLIP(vit_b16, 512, num_prompts=prompts, prompt_depth=12)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 512, 512, 3)),
+                                               jnp.zeros((20, 512)))['params'])
+    flat = traverse_util.flatten_dict(shapes)
+    learnable = sum(int(np.prod(v.shape)) for k, v in flat.items() if zegclip.trainable(k))
+    by_hand = (12 * prompts * 768 + 768 * 768 + 768 + 2 * 768          # prompts, proj, norm
+               + 1024 * 512 + 512                                       # q_proj
+               + 3 * (4 * (512 * 512 + 512) + 512 * 2048 + 2048 + 2048 * 512 + 512
+                      + 4 * 512))                                       # 3 decoder layers
+    assert learnable == by_hand
+    assert abs((learnable + unused) - readme) < 0.06e6, (prompts, learnable + unused)
+    frozen = sum(int(np.prod(v.shape)) for k, v in flat.items() if not zegclip.trainable(k))
+    # CLIP ViT-B/16's image tower with its 14x14+1 position table and the projection.
+    assert frozen == 85_799_424 + 768 * 512, frozen
