@@ -17,6 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from zegformer_jax.modeling import prompted_vit
+from zegformer_jax.weights import store
+
 
 def relationship_descriptor(text, image_global):
   """[B, C, 2E] = [t ⊙ g, t] for text [C, E] (or [B, C, E]) and global embeddings g [B, E]."""
@@ -145,7 +148,6 @@ class ZegCLIP(nn.Module):
     Returns {'mask_logits': [B, h, w, C] on the patch grid,
              'sem_seg_logits': [B, H, W, C] upsampled to the input}.
     """
-    from zegformer_jax.modeling import prompted_vit
     enc = prompted_vit.PromptedCLIPVisionEncoder(
         self.clip_config, self.projection_dim, self.num_prompts, self.prompt_depth,
         prompt_dropout=self.prompt_dropout, dtype=self.dtype, name='image_encoder')(
@@ -160,27 +162,25 @@ def trainable(path) -> bool:
   """Whether the parameter at `path` (a tuple of keys) trains: the head and the prompt
   parameters; CLIP's own weights stay frozen (ZegCLIP: only names with 'prompt' in the
   backbone, the whole decode head)."""
-  from zegformer_jax.modeling import prompted_vit
   return path[0] == 'head' or (path[0] == 'image_encoder' and
                                path[1] in prompted_vit.PROMPT_PARAMS)
 
 
 def with_clip_weights(params, clip_model_params):
   """`params` of a ZegCLIP with its image encoder's CLIP weights replaced by those of a
-  FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); shapes are checked."""
-  from zegformer_jax.modeling import prompted_vit
+  FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); names and shapes checked."""
   clip_tree = prompted_vit.clip_params(clip_model_params)
   encoder = dict(params['image_encoder'])
-  flat_new = jax.tree_util.tree_flatten_with_path(clip_tree)[0]
-  flat_old = dict(jax.tree_util.tree_flatten_with_path(
-      {k: v for k, v in encoder.items() if k in clip_tree})[0])
-  for path, leaf in flat_new:
-    if path not in flat_old:
-      raise ValueError(f'CLIP weight {jax.tree_util.keystr(path)} has no place in the model')
-    if tuple(flat_old[path].shape) != tuple(leaf.shape):
-      raise ValueError(f'CLIP weight {jax.tree_util.keystr(path)} has shape {leaf.shape}, '
-                       f'the model wants {flat_old[path].shape}: another CLIP architecture?')
-  if len(flat_old) != len(flat_new):
+  want = store.flat_shapes({k: v for k, v in encoder.items() if k in clip_tree})
+  got = store.flat_shapes(clip_tree)
+  for path, shape in got.items():
+    name = store.path_str(('image_encoder',) + path)
+    if path not in want:
+      raise ValueError(f'CLIP weight {name} has no place in the model')
+    if want[path] != shape:
+      raise ValueError(f'CLIP weight {name} has shape {shape}, the model wants '
+                       f'{want[path]}: another CLIP architecture?')
+  if len(want) != len(got):
     raise ValueError('the CLIP weights do not cover the image encoder')
   encoder.update(clip_tree)
   return dict(params, image_encoder=encoder)
