@@ -73,16 +73,12 @@ def load_latest_state(config, workdir: str, num_classes: int):
     raise checkpoints.no_checkpoint_error(workdir)
   ckpt = checkpoints.Checkpointer(workdir, config.train.keep_checkpoints,
                                   config.train.checkpoint_every, read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    ckpt.close()
-    raise FileNotFoundError(f'no finished checkpoint in {ckpt.directory}')
-  abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
-                                   jax.random.key(config.seed), abstract_only=True)
   try:
+    abstract, _ = create_train_state(config, model, optimizer_fn, num_classes, mesh,
+                                     jax.random.key(config.seed), abstract_only=True)
     restored = ckpt.restore_latest(abstract)
   finally:
     ckpt.close()
-  if restored is None:   # every step was removed while this reader looked at it
+  if restored is None:   # no finished step, or every one removed while this reader looked
     raise FileNotFoundError(f'no finished checkpoint in {ckpt.directory}')
   return model, restored[1]
