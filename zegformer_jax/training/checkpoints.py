@@ -180,10 +180,8 @@ class Checkpointer:
     self.read_only = read_only
     self._data_handler = _DataHandler()
     if not read_only:   # here, so a directory that cannot be made is one clear error
-      try:
+      with metric_writers.writing(self.directory):
         os.makedirs(self.directory, exist_ok=True)
-      except OSError as e:
-        raise metric_writers.CannotWriteError(self.directory, e) from e
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -209,13 +207,9 @@ class Checkpointer:
     if data_iterator is not None:
       items['data'] = _DataSave(data_iterator)
     self._arm_test_pause(step)
-    try:
+    with metric_writers.writing(self.step_dir(step)):   # orbax wraps OS errors
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
       self.manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except  (orbax wraps OS errors)
-      if metric_writers.is_write_failure(e):
-        raise metric_writers.CannotWriteError(self.step_dir(step), e) from e
-      raise
     return saved
 
   def step_dir(self, step: int) -> str:

@@ -8,9 +8,10 @@ checkpoint; the file is rewritten atomically), and its TensorBoard writer purges
 
 Also here: the evaluation scalars of TensorBoard (`write_eval_scalars`), the config history
 of a workdir (`record_config`), one-line warnings (`warn`) and `CannotWriteError`, which
-every writer of the run's outputs raises for a write the system refused (the CLI prints it
-as `error: cannot write <path>: <reason>`).
+every writer of the run's outputs raises, through `writing(path)`, for a write the system
+refused (the CLI prints it as `error: cannot write <path>: <reason>`).
 """
+import contextlib
 import errno
 import json
 import logging
@@ -51,6 +52,20 @@ def is_write_failure(e: BaseException) -> bool:
   return isinstance(e, OSError) or "os_error_code=" in str(e)
 
 
+@contextlib.contextmanager
+def writing(path: str):
+  """A write the system refuses inside the block (is_write_failure) becomes
+  CannotWriteError(path); a CannotWriteError from further in passes as it is."""
+  try:
+    yield
+  except CannotWriteError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps OS errors)
+    if is_write_failure(e):
+      raise CannotWriteError(path, e) from e
+    raise
+
+
 def warn(message: str) -> None:
   """One warning line: logged (every process) and printed as `warning: ...` on process 0."""
   logging.warning('%s', message)
@@ -80,12 +95,10 @@ def drop_entries_after(path: str, step: int) -> int:
         keep.append(line if line.endswith('\n') else line + '\n')
   if dropped:
     tmp = path + '.tmp'
-    try:
+    with writing(path):
       with open(tmp, 'w') as f:
         f.writelines(keep)
       os.replace(tmp, path)
-    except OSError as e:
-      raise CannotWriteError(path, e) from e
   return dropped
 
 
@@ -104,24 +117,18 @@ class MetricWriter:
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if self.enabled:
       start = int(resume_step or 0)
-      try:
+      with writing(workdir):
         os.makedirs(workdir, exist_ok=True)
-      except OSError as e:
-        raise CannotWriteError(workdir, e) from e
       dropped = drop_entries_after(self.path, start)
       if dropped:
         logging.info('%s: dropped %d entries after step %d (logged by the interrupted run '
                      'after its last checkpoint)', self.path, dropped, start)
-      try:
+      with writing(self.path):
         self._jsonl = open(self.path, 'a')
-      except OSError as e:
-        raise CannotWriteError(self.path, e) from e
       from tensorboardX import SummaryWriter  # imported lazily: slow import
       self._tb_dir = os.path.join(workdir, 'tb')
-      try:
+      with writing(self._tb_dir):
         self._tb = SummaryWriter(self._tb_dir, purge_step=start + 1)
-      except OSError as e:
-        raise CannotWriteError(self._tb_dir, e) from e
 
   def write(self, step: int, scalars: Mapping[str, float]) -> dict:
     """Logs `scalars` at `step`; adds step time (s) and ETA from the previous call."""
@@ -134,17 +141,13 @@ class MetricWriter:
     self._last_time, self._last_step = now, step
     if not self.enabled:
       return scalars
-    try:
+    with writing(self.path):
       self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
       self._jsonl.flush()
-    except OSError as e:
-      raise CannotWriteError(self.path, e) from e
-    try:
+    with writing(self._tb_dir):
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
-    except OSError as e:
-      raise CannotWriteError(self._tb_dir, e) from e
     print(format_console(step, self.total_steps, scalars), flush=True)   # once: no log line
     return scalars
 
@@ -201,7 +204,7 @@ def write_eval_scalars(workdir: str, step: int, results: Mapping[str, Mapping]) 
   from tensorboardX import SummaryWriter  # imported lazily: slow import
   tb = os.path.join(workdir, 'tb')
   _eval_writers += 1
-  try:
+  with writing(tb):
     writer = SummaryWriter(tb, filename_suffix=f'.eval.{os.getpid()}.{_eval_writers}')
     try:
       for result in results.values():
@@ -211,8 +214,6 @@ def write_eval_scalars(workdir: str, step: int, results: Mapping[str, Mapping]) 
             writer.add_scalar(eval_tag(result, metric), float(value), int(step))
     finally:
       writer.close()
-  except OSError as e:
-    raise CannotWriteError(tb, e) from e
 
 
 def record_config(workdir: str, config_json: str, resuming: bool) -> Optional[str]:
@@ -227,7 +228,7 @@ def record_config(workdir: str, config_json: str, resuming: bool) -> Optional[st
   """
   path = os.path.join(workdir, 'config.json')
   kept = None
-  try:
+  with writing(path):
     previous_text = None
     if os.path.isfile(path):
       with open(path) as f:
@@ -242,8 +243,6 @@ def record_config(workdir: str, config_json: str, resuming: bool) -> Optional[st
     with open(tmp, 'w') as f:
       f.write(config_json)
     os.replace(tmp, path)
-  except OSError as e:
-    raise CannotWriteError(path, e) from e
   if resuming and kept:
     before, after = _total_steps(previous_text), _total_steps(config_json)
     if before != after:
