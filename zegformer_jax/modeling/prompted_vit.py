@@ -21,8 +21,8 @@ that loads openai/clip-vit-base-patch16) is used as it is; its encoder layers ar
 transformers' own FlaxCLIPEncoderLayer modules, driven one by one here so that prompts can
 be inserted between them. The new parameters, the only trainable ones in ZegCLIP, are
 `deep_prompts`, `prompt_proj` and `prompt_norm`; `visual_projection` is FlaxCLIPModel's
-top-level projection. Freezing CLIP is the
-optimiser's job (a parameter partition), not this module's.
+top-level projection. This module creates all of them as 'params'; ZegCLIP
+(zegclip.py) keeps CLIP's own weights apart as constants.
 """
 from typing import Any, Sequence, Tuple
 

@@ -118,6 +118,20 @@ def upsample_logits(mask_logits, hw):
   return jax.image.resize(mask_logits, (b,) + tuple(hw) + (c,), 'linear', antialias=False)
 
 
+def _merge_frozen(variables):
+  """The encoder's view: CLIP's weights ('frozen') and the prompts ('params') as one
+  'params' collection, under the names the encoder creates them."""
+  return {'params': {**variables.get('frozen', {}), **variables.get('params', {})}}
+
+
+def _split_frozen(variables):
+  """The model's view of what the encoder created: the prompt parameters train ('params'),
+  CLIP's own weights are constants ('frozen', like FrozenBN statistics elsewhere)."""
+  params = dict(variables.get('params', {}))
+  frozen = {k: params.pop(k) for k in list(params) if k not in prompted_vit.PROMPT_PARAMS}
+  return {'params': params, 'frozen': frozen}
+
+
 class ZegCLIP(nn.Module):
   """The one-stage model: deep-prompted frozen CLIP ViT + ZegCLIP's head.
 
@@ -127,8 +141,11 @@ class ZegCLIP(nn.Module):
     num_prompts, prompt_depth, prompt_dropout: the encoder's deep prompts.
     num_layers, num_heads, ffn_dim, dropout: the head.
 
-  Parameters: 'image_encoder' (CLIP's vision_model names + visual_projection, frozen,
-  and the prompt parameters) and 'head'; `trainable` says which ones train.
+  Variables: 'params' holds what trains, the prompt parameters ('image_encoder/
+  deep_prompts', 'prompt_proj', 'prompt_norm') and the head; 'frozen' holds CLIP's image
+  tower under transformers' names ('image_encoder/embeddings', 'encoder', ...,
+  'visual_projection'), so gradients and optimiser state exist for the trainable part
+  only (ZegCLIP trains names with 'prompt' in its backbone and the whole decode head).
   """
   clip_config: Any
   projection_dim: int
@@ -141,6 +158,11 @@ class ZegCLIP(nn.Module):
   dropout: float = 0.1
   dtype: Any = jnp.float32
 
+  @property
+  def embed_dim(self) -> int:
+    """Width of the class embeddings the model takes (methods.init_variables)."""
+    return self.projection_dim
+
   @nn.compact
   def __call__(self, images, text_embeddings, train: bool = False):
     """images: [B, H, W, 3] CLIP-normalised; text_embeddings: [C, E] L2-normalised.
@@ -148,30 +170,62 @@ class ZegCLIP(nn.Module):
     Returns {'mask_logits': [B, h, w, C] on the patch grid,
              'sem_seg_logits': [B, H, W, C] upsampled to the input}.
     """
-    enc = prompted_vit.PromptedCLIPVisionEncoder(
-        self.clip_config, self.projection_dim, self.num_prompts, self.prompt_depth,
-        prompt_dropout=self.prompt_dropout, dtype=self.dtype, name='image_encoder')(
-            images, deterministic=not train)
+    initializing = self.is_initializing()
+    encoder_cls = nn.map_variables(
+        prompted_vit.PromptedCLIPVisionEncoder, ['params', 'frozen'],
+        trans_in_fn=_merge_frozen, trans_out_fn=_split_frozen,
+        init=initializing, mutable=initializing)
+    enc = encoder_cls(self.clip_config, self.projection_dim, self.num_prompts,
+                      self.prompt_depth, prompt_dropout=self.prompt_dropout, dtype=self.dtype,
+                      name='image_encoder')(images, deterministic=not train)
     logits = ZegCLIPHead(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
                          self.dtype, name='head')(enc['patches'], enc['cls'],
                                                   text_embeddings, deterministic=not train)
     return {'mask_logits': logits, 'sem_seg_logits': upsample_logits(logits, images.shape[1:3])}
 
 
-def trainable(path) -> bool:
-  """Whether the parameter at `path` (a tuple of keys) trains: the head and the prompt
-  parameters; CLIP's own weights stay frozen (ZegCLIP: only names with 'prompt' in the
-  backbone, the whole decode head)."""
-  return path[0] == 'head' or (path[0] == 'image_encoder' and
-                               path[1] in prompted_vit.PROMPT_PARAMS)
+VISION_KEYS = ('hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
+               'image_size', 'patch_size', 'hidden_act', 'layer_norm_eps')
 
 
-def with_clip_weights(params, clip_model_params):
-  """`params` of a ZegCLIP with its image encoder's CLIP weights replaced by those of a
-  FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); names and shapes checked."""
+def vision_config(model_config):
+  """transformers CLIPVisionConfig of config.model.zegclip.vision (the CLIP architecture
+  whose weights the model loads; checked against them by `check_clip`)."""
+  from transformers import CLIPVisionConfig
+  return CLIPVisionConfig(**{k: model_config.zegclip.vision[k] for k in VISION_KEYS})
+
+
+def build_model(model_config) -> ZegCLIP:
+  """ZegCLIP from the `model` sub-config: model.zegclip (prompts, head, CLIP's vision
+  architecture) and model.embed_dim (CLIP's joint width)."""
+  z = model_config.zegclip
+  return ZegCLIP(vision_config(model_config), int(model_config.embed_dim),
+                 num_prompts=int(z.num_prompts), prompt_depth=int(z.prompt_depth),
+                 prompt_dropout=float(z.prompt_dropout), num_layers=int(z.num_layers),
+                 num_heads=int(z.num_heads), ffn_dim=int(z.ffn_dim),
+                 dropout=float(z.dropout), dtype=jnp.dtype(model_config.dtype))
+
+
+def check_clip(model_config, clip_model, where: str) -> None:
+  """Refuses CLIP weights (`clip_model`, loaded from `where`) of another architecture than
+  config.model.zegclip.vision / model.embed_dim, naming the first key that differs."""
+  got = clip_model.config.vision_config
+  for key in VISION_KEYS:
+    want = model_config.zegclip.vision[key]
+    if getattr(got, key) != want:
+      raise ValueError(f'CLIP at {where} has vision_config.{key} = {getattr(got, key)!r}; '
+                       f'config.model.zegclip.vision.{key} is {want!r}')
+  if clip_model.config.projection_dim != model_config.embed_dim:
+    raise ValueError(f'CLIP at {where} has projection_dim {clip_model.config.projection_dim}; '
+                     f'config.model.embed_dim is {model_config.embed_dim}')
+
+
+def with_clip_weights(frozen, clip_model_params):
+  """The model's 'frozen' variables with the image encoder's CLIP weights replaced by those
+  of a FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); names and shapes
+  checked, every weight of the encoder covered."""
   clip_tree = prompted_vit.clip_params(clip_model_params)
-  encoder = dict(params['image_encoder'])
-  want = store.flat_shapes({k: v for k, v in encoder.items() if k in clip_tree})
+  want = store.flat_shapes(frozen['image_encoder'])
   got = store.flat_shapes(clip_tree)
   for path, shape in got.items():
     name = store.path_str(('image_encoder',) + path)
@@ -180,7 +234,7 @@ def with_clip_weights(params, clip_model_params):
     if want[path] != shape:
       raise ValueError(f'CLIP weight {name} has shape {shape}, the model wants '
                        f'{want[path]}: another CLIP architecture?')
-  if len(want) != len(got):
-    raise ValueError('the CLIP weights do not cover the image encoder')
-  encoder.update(clip_tree)
-  return dict(params, image_encoder=encoder)
+  missing = sorted(store.path_str(('image_encoder',) + p) for p in want if p not in got)
+  if missing:
+    raise ValueError(f'the CLIP weights do not cover the image encoder: no {missing[:3]}')
+  return dict(frozen, image_encoder=clip_tree)
