@@ -15,7 +15,7 @@ RESNET_BLOCKS = {18: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 # config.model.name values (zegformer_jax/modeling/methods.py; kept here so that loading a
 # config does not import JAX).
-METHODS = ('zegformer', 'spnet_fpn', 'zs3net')
+METHODS = ('zegformer', 'spnet_fpn', 'zs3net', 'zegclip')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -138,7 +138,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.poly_power = 0.9
-  c.optim.clip_norm = 0.01                  # full-model gradient L2-norm clipping
+  # mmcv's PolyLrUpdaterHook extras (ZegCLIP; 0 in every ZegFormer config): the poly decay
+  # ends at min_lr, after warmup_steps of linear warm-up from warmup_ratio x the lr.
+  c.optim.min_lr = 0.0
+  c.optim.warmup_steps = 0
+  c.optim.warmup_ratio = 1e-6
+  c.optim.clip_norm = 0.01                  # full-model gradient L2-norm clipping (0: none)
 
   # ---------------------------------------------------------------- training loop
   c.train = ml_collections.ConfigDict()
@@ -254,6 +259,27 @@ def zs3net_config() -> ml_collections.ConfigDict:
   return z
 
 
+def zegclip_model_config() -> ml_collections.ConfigDict:
+  """config.model.zegclip: ZegCLIP's VOC recipe on CLIP ViT-B/16 (docs/reference.md §10)."""
+  z = ml_collections.ConfigDict()
+  z.num_prompts = 10               # deep prompt tokens per layer (100 on COCO-Stuff)
+  z.prompt_depth = 12              # every layer of ViT-B/16
+  z.prompt_dropout = 0.1
+  z.num_layers = 3                 # the text-query decoder
+  z.num_heads = 8
+  z.ffn_dim = 2048
+  z.dropout = 0.1
+  # ZegCLIP's img_encoder.py adds CLIP's class embedding to the [CLS] token twice (token
+  # and position row); kept, as its released weights were trained so.
+  z.class_embedding_twice = True
+  # The architecture of the CLIP at clip.model_path (its config.json's vision_config,
+  # checked when the weights load): openai/clip-vit-base-patch16.
+  z.vision = ml_collections.ConfigDict(dict(
+      hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+      image_size=224, patch_size=16, hidden_act='quick_gelu', layer_norm_eps=1e-5))
+  return z
+
+
 def as_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
   """`c` (a ZegFormer config) for another method of METHODS, everything else kept: the same
   backbone, pixel decoder, data, text embeddings, optimiser, schedule, test views and
@@ -270,4 +296,29 @@ def as_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Confi
     c.evals.val_seen.variants = ('seg',)
     if method == 'zs3net':
       c.zs3net = zs3net_config()
+    if method == 'zegclip':
+      _zegclip_recipe(c)
   return c
+
+
+def _zegclip_recipe(c: ml_collections.ConfigDict) -> None:
+  """ZegCLIP's own model, loss, optimiser and test-time penalty (docs/reference.md §10);
+  the data, crops, text embeddings and test views stay those of `c`."""
+  c.model.zegclip = zegclip_model_config()
+  c.model.embed_dim = 512                  # CLIP's joint width (the text embeddings)
+  # Pixels: ZegCLIP normalises with the ImageNet statistics (its dataset configs'
+  # img_norm_cfg), not CLIP's, so model.pixel_mean / pixel_std stay those.
+  c.loss.mask_weight = 100.0               # sigmoid focal (alpha 0.25, gamma 2)
+  c.loss.dice_weight = 1.0
+  # AdamW lr 2e-5 with lr_mult 10 on the backbone (whose only trainable names are the
+  # prompts) and the head: every trainable parameter at 2e-4.
+  c.optim.lr = 2e-4
+  c.optim.weight_decay = 0.01              # LayerNorms ('norm' names) 0, as 'norm'/'ln' there
+  c.optim.backbone_multiplier = 1.0
+  c.optim.min_lr = 1e-6
+  c.optim.warmup_steps = 1500
+  c.optim.warmup_ratio = 1e-6
+  c.optim.clip_norm = 0.0                  # mmseg's default optimizer_config: no clipping
+  # Inference: sigmoid scores minus 0.1 on the seen classes (Eq. 2 with gamma 0.1; 0 for
+  # transductive models).
+  c.eval.gamma = 0.1

@@ -5,7 +5,7 @@ r"""ShapesWorld: the embedded, CPU-sized default.
   python -m zegformer_jax.main --config configs/shapesworld.py:spnet_fpn ... # another method
 
 The argument is a comma-separated list: at most one method of modeling/methods.py
-(zegformer, the default; spnet_fpn; zs3net) and 'smoke', e.g. `:zs3net,smoke`.
+(zegformer, the default; spnet_fpn; zs3net; zegclip) and 'smoke', e.g. `:zs3net,smoke`.
 
 The world, its miniature CLIP and its pretrained backbone are made under the workdir by the
 ShapesWorld project (zegformer_jax/projects/shapesworld, `config.shapesworld`); another
@@ -166,4 +166,36 @@ def get_config(arg=None):
       c.zs3net.generator_steps = 20
       c.zs3net.classifier_steps = 20
       c.zs3net.features_per_class = 64
+  if method == 'zegclip':
+    _zegclip_on_the_mini_clip(c)
   return common.lock(c)
+
+
+def _zegclip_on_the_mini_clip(c) -> None:
+  """ZegCLIP on the world's miniature CLIP (2 layers, width 64, 8-px patches on 32-px
+  crops; clip_pretrain.model_kwargs). At the scenes' own 64 px its patches form an 8 x 8
+  grid, coarser than a thing (~16-24 px); the scenes are therefore read at 128 px (a
+  16 x 16 grid, objects at about the scale CLIP was pretrained on), the labels at their own
+  size. No ResNet: the backbone pretraining is off."""
+  z = c.model.zegclip
+  z.vision.hidden_size = 64
+  z.vision.intermediate_size = 256
+  z.vision.num_hidden_layers = 2
+  z.vision.num_attention_heads = 4
+  z.vision.image_size = c.shapesworld.clip_pretrain.image_size
+  z.vision.patch_size = c.shapesworld.clip_pretrain.image_size // 4
+  z.prompt_depth = 2               # every layer, as ZegCLIP
+  z.num_heads = 4                  # the head at the world's width (E = 64), as ZegFormer's
+  z.ffn_dim = 128                  # decoder here
+  c.model.embed_dim = 64
+  c.shapesworld.backbone_pretrain.steps = 0
+  c.input.min_size_train = (112, 128, 144, 160)   # the ZegFormer recipe's sizes, x2
+  c.input.max_size_train = 256
+  c.input.crop_size = 128
+  c.input.min_size_test = 128
+  c.input.max_size_test = 256
+  c.eval.aug_min_sizes = (128, 160)
+  # The ZegFormer recipe's learning rate here (10x the reference's, for small models and
+  # few steps); warm-up scaled with the schedule (ZegCLIP: 1500 of 20k steps).
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 500

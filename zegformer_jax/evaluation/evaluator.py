@@ -42,7 +42,7 @@ def make_eval_step(config, model, variants, num_classes, label_hw_static, clip_m
   count. `ignore_value` defaults to config.dataset.ignore_value.
   """
   oracles_on, boundary_on = bool(config.eval.oracles), bool(config.eval.boundary)
-  grouping_on = oracles_on and has_segments(config)
+  grouping_on = oracles_on and methods.has_segments(config.model)
   scores = segmenter.make_scores_fn(config, model, variants, label_hw_static, clip_model,
                                     view_shapes, with_masks=grouping_on)
   ignore = config.dataset.ignore_value if ignore_value is None else ignore_value
@@ -73,18 +73,12 @@ ORACLE_GROUPING = 'oracle_grouping'
 ORACLE_CLASSIFICATION = 'oracle_classification'
 
 
-def has_segments(config) -> bool:
-  """Whether the method predicts segments (the grouping oracle needs them; the
-  classification oracle reads per-pixel scores, so it applies to every method)."""
-  return not methods.is_pixel_method(config.model)
-
-
 def confusion_keys(config, variants) -> list:
   """The confusion matrices an evaluation accumulates: one per variant, plus the oracles'."""
   keys = list(variants)
   if config.eval.oracles:
     keys += [f'{ORACLE_CLASSIFICATION}_{v}' for v in variants]
-    keys += [ORACLE_GROUPING] if has_segments(config) else []
+    keys += [ORACLE_GROUPING] if methods.has_segments(config.model) else []
   return keys
 
 

@@ -7,12 +7,16 @@
   spnet_fpn   per_pixel, head 'text' (SPNet-FPN)   per-pixel CE             seg
   zs3net      per_pixel, head 'learned' (ZS3Net)   per-pixel CE, then the   seg
                                                    generative stage
+  zegclip     zegclip.ZegCLIP (prompted CLIP ViT,  per-class sigmoid focal  seg
+              text-query decoder; one stage)       + dice (zegclip_loss)
   ==========  ===================================  =======================  ===========
 
 Every model takes (images [B, H, W, 3], class embeddings [K, D], train=) and shares the
-backbone, pixel decoder, data pipeline, text embeddings, evaluator and metrics. 'seg' of a
+data pipeline, text embeddings, evaluator and metrics; the first three also share the
+backbone and pixel decoder (ZegCLIP's backbone is CLIP's own image tower). 'seg' of a
 pixel-level method is its own per-pixel classification; the CLIP image branch (img, full)
-needs segments and exists for ZegFormer only.
+needs segments and exists for ZegFormer only. ZegCLIP's 'seg' is its per-class sigmoid
+score map (its own image branch is the prompted CLIP it is built on).
 """
 from typing import Dict, Tuple
 
@@ -20,11 +24,13 @@ import jax
 import ml_collections
 
 from zegformer_jax.modeling import per_pixel
+from zegformer_jax.modeling import zegclip
 from zegformer_jax.modeling import zegformer
 
-METHODS = ('zegformer', 'spnet_fpn', 'zs3net')
-PIXEL_METHODS = ('spnet_fpn', 'zs3net')
-DISPLAY_NAMES = {'zegformer': 'ZegFormer', 'spnet_fpn': 'SPNet-FPN', 'zs3net': 'ZS3Net'}
+METHODS = ('zegformer', 'spnet_fpn', 'zs3net', 'zegclip')
+PIXEL_METHODS = ('spnet_fpn', 'zs3net')     # per-pixel softmax over the classes
+DISPLAY_NAMES = {'zegformer': 'ZegFormer', 'spnet_fpn': 'SPNet-FPN', 'zs3net': 'ZS3Net',
+                 'zegclip': 'ZegCLIP'}
 
 # Initial variables of any method's model (jitted init; see zegformer.init_variables).
 init_variables = zegformer.init_variables
@@ -42,9 +48,14 @@ def is_pixel_method(model_config) -> bool:
   return method_name(model_config) in PIXEL_METHODS
 
 
+def has_segments(model_config) -> bool:
+  """Whether the method predicts segments (queries with masks): ZegFormer only."""
+  return method_name(model_config) == 'zegformer'
+
+
 def variants(model_config) -> tuple:
   """The evaluation variants the method has."""
-  return ('seg',) if is_pixel_method(model_config) else ('seg', 'img', 'full')
+  return ('seg', 'img', 'full') if has_segments(model_config) else ('seg',)
 
 
 def build_model(model_config):
@@ -54,6 +65,8 @@ def build_model(model_config):
   name = method_name(model_config)
   if name == 'zegformer':
     return zegformer.ZegFormer(config=model_config)
+  if name == 'zegclip':
+    return zegclip.build_model(model_config)
   return per_pixel.PerPixelSegmenter(config=model_config,
                                      head='text' if name == 'spnet_fpn' else 'learned')
 

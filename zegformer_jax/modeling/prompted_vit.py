@@ -70,8 +70,14 @@ def resize_position_embeddings(table, grid: Tuple[int, int]) -> jnp.ndarray:
 
 
 class _VisionEmbeddings(nn.Module):
-  """transformers' FlaxCLIPVisionEmbeddings' parameters, with resized positions."""
+  """transformers' FlaxCLIPVisionEmbeddings' parameters, with resized positions.
+
+  class_embedding_twice: the [CLS] token gets class_embedding + position 0 +
+  class_embedding, as ZegCLIP's img_encoder.py computes it (its `cls_pos` adds the class
+  embedding to the position row of a token that already is the class embedding).
+  """
   config: Any
+  class_embedding_twice: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -83,6 +89,8 @@ class _VisionEmbeddings(nn.Module):
                       dtype=self.dtype, name='patch_embedding')(images)
     b, h, w, _ = patches.shape
     table = nn.Embed((cfg.image_size // p) ** 2 + 1, d, name='position_embedding').embedding
+    if self.class_embedding_twice:
+      table = table.at[0].add(cls)
     tokens = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, d)),
                               patches.reshape(b, h * w, d)], axis=1)
     return tokens + resize_position_embeddings(table, (h, w)).astype(tokens.dtype), (h, w)
@@ -124,6 +132,7 @@ class PromptedCLIPVisionEncoder(nn.Module):
     prompt_depth: layers 0 .. prompt_depth-1 receive prompts (ZegCLIP: all 12).
     out_indices: layers whose raw output patch tokens are also returned (0-based).
     prompt_dropout: dropout on the projected prompts (ZegCLIP: 0.1).
+    class_embedding_twice: ZegCLIP's [CLS] input (`_VisionEmbeddings`); False is CLIP's.
   """
   config: Any
   projection_dim: int
@@ -131,6 +140,7 @@ class PromptedCLIPVisionEncoder(nn.Module):
   prompt_depth: int
   out_indices: Sequence[int] = ()
   prompt_dropout: float = 0.1
+  class_embedding_twice: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -150,7 +160,8 @@ class PromptedCLIPVisionEncoder(nn.Module):
     if any(not 0 <= i < num_layers for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)}: CLIP has {num_layers} layers')
     d, n = cfg.hidden_size, self.num_prompts
-    x, (h, w) = _VisionEmbeddings(cfg, self.dtype, name='embeddings')(images.astype(self.dtype))
+    x, (h, w) = _VisionEmbeddings(cfg, self.class_embedding_twice, self.dtype,
+                                  name='embeddings')(images.astype(self.dtype))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
     prompted = bool(n and self.prompt_depth)
     if prompted:

@@ -126,7 +126,8 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
   pixel_level = methods.is_pixel_method(config.model)
-  if pixel_level and with_masks:
+  one_stage = methods.method_name(config.model) == 'zegclip'
+  if with_masks and not methods.has_segments(config.model):
     raise ValueError('masks (the grouping oracle) need segments; method '
                      f'{methods.method_name(config.model)!r} classifies pixels')
 
@@ -139,6 +140,9 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
     hp, wp = images.shape[1:3]
     if pixel_level:   # SPNet-FPN / ZS3Net: per-pixel softmax at the padded size
       return {'seg': per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp))}
+    if one_stage:     # ZegCLIP: per-class sigmoid of the mask logits upsampled to the input;
+      # Eq. 2 below (gamma 0.1 on the seen classes) is ZegCLIP's own seen-class penalty.
+      return {'seg': jax.nn.sigmoid(jnp.moveaxis(outputs['sem_seg_logits'], -1, 1))}
     pred_logits = outputs['pred_logits'][-1]
     mask_logits = inference.upsample_bilinear(
         outputs['pred_masks'][-1].astype(jnp.float32), (hp, wp))

@@ -140,6 +140,7 @@ class ZegCLIP(nn.Module):
     projection_dim: CLIP's joint width E.
     num_prompts, prompt_depth, prompt_dropout: the encoder's deep prompts.
     num_layers, num_heads, ffn_dim, dropout: the head.
+    class_embedding_twice: ZegCLIP's [CLS] input (prompted_vit._VisionEmbeddings).
 
   Variables: 'params' holds what trains, the prompt parameters ('image_encoder/
   deep_prompts', 'prompt_proj', 'prompt_norm') and the head; 'frozen' holds CLIP's image
@@ -156,6 +157,7 @@ class ZegCLIP(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 2048
   dropout: float = 0.1
+  class_embedding_twice: bool = False
   dtype: Any = jnp.float32
 
   @property
@@ -176,7 +178,8 @@ class ZegCLIP(nn.Module):
         trans_in_fn=_merge_frozen, trans_out_fn=_split_frozen,
         init=initializing, mutable=initializing)
     enc = encoder_cls(self.clip_config, self.projection_dim, self.num_prompts,
-                      self.prompt_depth, prompt_dropout=self.prompt_dropout, dtype=self.dtype,
+                      self.prompt_depth, prompt_dropout=self.prompt_dropout,
+                      class_embedding_twice=self.class_embedding_twice, dtype=self.dtype,
                       name='image_encoder')(images, deterministic=not train)
     logits = ZegCLIPHead(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
                          self.dtype, name='head')(enc['patches'], enc['cls'],
@@ -203,7 +206,8 @@ def build_model(model_config) -> ZegCLIP:
                  num_prompts=int(z.num_prompts), prompt_depth=int(z.prompt_depth),
                  prompt_dropout=float(z.prompt_dropout), num_layers=int(z.num_layers),
                  num_heads=int(z.num_heads), ffn_dim=int(z.ffn_dim),
-                 dropout=float(z.dropout), dtype=jnp.dtype(model_config.dtype))
+                 dropout=float(z.dropout), class_embedding_twice=bool(z.class_embedding_twice),
+                 dtype=jnp.dtype(model_config.dtype))
 
 
 def check_clip(model_config, clip_model, where: str) -> None:

@@ -225,7 +225,8 @@ def init_variables(model: ZegFormer, rng: jax.Array, image_hw: Tuple[int, int] =
 
   def init(key):
     images = jnp.zeros((batch, h, w, 3), jnp.float32)
-    text = jnp.zeros((num_classes, model.config.embed_dim), jnp.float32)
+    embed_dim = getattr(model, 'embed_dim', None) or model.config.embed_dim
+    text = jnp.zeros((num_classes, embed_dim), jnp.float32)
     variables = model.init({'params': key}, images, text, train=False)
     return {'params': variables['params'], 'frozen': variables.get('frozen', {})}
 

@@ -27,11 +27,12 @@ from zegformer_jax import cli
 
 FLAGS = flags.FLAGS
 
-DISPLAY = {'zegformer': 'ZegFormer', 'spnet_fpn': 'SPNet-FPN', 'zs3net': 'ZS3Net'}
+DISPLAY = {'zegformer': 'ZegFormer', 'spnet_fpn': 'SPNet-FPN', 'zs3net': 'ZS3Net',
+           'zegclip': 'ZegCLIP'}
 VARIANT_NAMES = {('zegformer', 'seg'): 'ZegFormer-seg', ('zegformer', 'img'): 'ZegFormer-img',
                  ('zegformer', 'full'): 'ZegFormer'}
 VARIANT_ORDER = ('seg', 'img', 'full')
-METHOD_ORDER = ('spnet_fpn', 'zs3net', 'zegformer')
+METHOD_ORDER = ('spnet_fpn', 'zs3net', 'zegformer', 'zegclip')
 NUMBERS = ('mIoU_seen', 'mIoU_unseen', 'hIoU', 'pAcc')
 
 

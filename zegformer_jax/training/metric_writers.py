@@ -260,7 +260,8 @@ def _total_steps(config_json: str):
 
 def format_console(step: int, total: int, s: Mapping[str, float]) -> str:
   parts = [f'step {step}/{total}']
-  for k in ('loss', 'loss_ce', 'loss_mask', 'loss_dice', 'grad_norm', 'lr'):
+  for k in ('loss', 'loss_ce', 'loss_mask', 'loss_focal', 'loss_sem_seg', 'loss_dice',
+            'grad_norm', 'lr'):
     if k in s:
       parts.append(f'{k} {s[k]:.4g}')
   if 'step_time' in s:

@@ -66,12 +66,29 @@ def lr_multipliers(params, backbone_multiplier: float, freeze_at: int = 0):
       lambda p, _: lr_multiplier(_path_str(p), backbone_multiplier, freeze_at), params)
 
 
-def poly_schedule(base_lr: float, total_steps: int, power: float) -> optax.Schedule:
-  """detectron2 WarmupPolyLR without warm-up: lr * (1 - t / T) ** power, 0 after T."""
+def poly_schedule(base_lr: float, total_steps: int, power: float, min_lr: float = 0.0,
+                  warmup_steps: int = 0, warmup_ratio: float = 1e-6) -> optax.Schedule:
+  """Poly decay: (lr - min_lr) * (1 - t / T) ** power + min_lr, min_lr after T.
+
+  min_lr 0 and no warm-up is detectron2's WarmupPolyLR of the ZegFormer configs. With
+  warmup_steps > 0 the first steps scale it by 1 - (1 - t / warmup_steps)(1 - warmup_ratio)
+  (mmcv's linear warm-up of the regular lr, as ZegCLIP trains).
+  """
   def schedule(step):
     frac = jnp.clip(step / total_steps, 0.0, 1.0)
-    return base_lr * (1.0 - frac) ** power
+    lr = (base_lr - min_lr) * (1.0 - frac) ** power + min_lr
+    if warmup_steps > 0:
+      k = (1.0 - jnp.minimum(step, warmup_steps) / warmup_steps) * (1.0 - warmup_ratio)
+      lr = lr * (1.0 - k)
+    return lr
   return schedule
+
+
+def schedule_from_config(optim_cfg, total_steps: int) -> optax.Schedule:
+  """The learning-rate schedule of `config.optim`."""
+  return poly_schedule(optim_cfg.lr, total_steps, optim_cfg.poly_power,
+                       optim_cfg.get('min_lr', 0.0), optim_cfg.get('warmup_steps', 0),
+                       optim_cfg.get('warmup_ratio', 1e-6))
 
 
 def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
@@ -93,9 +110,11 @@ def make_optimizer(optim_cfg, total_steps: int, params,
 
   freeze_at: `config.model.backbone.freeze_at`; its stages get no update at all.
   """
-  schedule = poly_schedule(optim_cfg.lr, total_steps, optim_cfg.poly_power)
+  schedule = schedule_from_config(optim_cfg, total_steps)
+  clip = (optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0
+          else optax.identity())
   return optax.chain(
-      optax.clip_by_global_norm(optim_cfg.clip_norm),
+      clip,
       optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
       optax.add_decayed_weights(optim_cfg.weight_decay, mask=weight_decay_mask(params)),
       optax.scale_by_schedule(lambda t: -schedule(t)),

@@ -49,6 +49,24 @@ def create_train_state(config, model, optimizer_fn, num_classes: int, mesh, rng,
   return init(rng), state_sharding
 
 
+def with_pretrained_weights(config, state):
+  """`state` of a fresh run with the weights its method starts from that are not in the
+  config's init_from: ZegCLIP's frozen CLIP image tower, loaded from clip.model_path (the
+  Hugging Face directory its text embeddings come from) and checked against
+  config.model.zegclip.vision. The other methods start from init_from alone."""
+  if methods.method_name(config.model) != 'zegclip':
+    return state
+  from zegformer_jax.modeling import clip
+  from zegformer_jax.modeling import zegclip
+  path = clip.clip_dir(config)
+  clip_model, _ = clip.load_clip(path)
+  zegclip.check_clip(config.model, clip_model, path)
+  frozen = zegclip.with_clip_weights(jax.device_get(state['frozen']), clip_model.params)
+  frozen = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype),
+                                                        old.sharding), frozen, state['frozen'])
+  return dict(state, frozen=frozen)
+
+
 def init_from(path: str, state):
   """`state` with params (and FrozenBN statistics) loaded from a weights store (`store`)."""
   params, frozen = store.load_params(path, state['params'], state['frozen'])

@@ -38,6 +38,7 @@ from zegformer_jax.modeling import criterion
 from zegformer_jax.modeling import methods
 from zegformer_jax.modeling import per_pixel
 from zegformer_jax.modeling import preprocess
+from zegformer_jax.modeling import zegclip_loss
 from zegformer_jax.training import checkpoints
 from zegformer_jax.training import generative
 from zegformer_jax.training import metric_writers
@@ -53,23 +54,30 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
   rng_data is the dropout key as raw bits (jax.random.key_data), replicated.
   """
   mean, std = config.model.pixel_mean, config.model.pixel_std
-  schedule = optim.poly_schedule(config.optim.lr, config.train.total_steps,
-                                 config.optim.poly_power)
+  schedule = optim.schedule_from_config(config.optim, config.train.total_steps)
   nan_step = int(config.train.get('debug_nan_step', 0))
   pixel_level = methods.is_pixel_method(config.model)
+  one_stage = methods.method_name(config.model) == 'zegclip'
 
   def loss_fn(params, frozen, batch, text_embeddings, rng, step):
     images = preprocess.normalize(batch['image'], mean, std)
     outputs = model.apply({'params': params, 'frozen': frozen}, images, text_embeddings,
                           train=True, rngs={'dropout': rng})
     if nan_step > 0:  # testing hook (config.train.debug_nan_step): a diverged mask head
-      key = 'sem_seg_logits' if pixel_level else 'pred_masks'
+      key = 'pred_masks' if methods.has_segments(config.model) else 'sem_seg_logits'
       poison = jnp.where(step + 1 == nan_step, jnp.nan, 0.0).astype(outputs[key].dtype)
       outputs = dict(outputs, **{key: outputs[key].at[-1].add(poison)})
     if pixel_level:   # SPNet-FPN, ZS3Net: per-pixel cross-entropy on the seen classes
       loss, terms = per_pixel.pixel_cross_entropy(outputs['sem_seg_logits'], batch['label'],
                                                   config.dataset.ignore_value)
       return loss, {'loss_sem_seg': terms['loss_sem_seg']}
+    if one_stage:     # ZegCLIP: per-class sigmoid focal + dice at the input's resolution
+      loss, terms = zegclip_loss.zegclip_loss(
+          outputs['sem_seg_logits'], batch['label'], text_embeddings.shape[0],
+          config.dataset.ignore_value, focal_weight=config.loss.mask_weight,
+          dice_weight=config.loss.dice_weight, alpha=config.loss.focal_alpha,
+          gamma=config.loss.focal_gamma)
+      return loss, {k: terms[k] for k in ('loss_focal', 'loss_dice')}
     targets = dict(batch, target_masks=criterion.masks_from_label(
         batch['label'], batch['target_classes'], batch['target_valid']))
     return criterion.compute_loss(outputs, targets, config.loss, mesh)
@@ -160,6 +168,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
     state = self_training.init_from_source(config, state)
   elif config.train.init_from:
     state = state_lib.init_from(config.train.init_from, state)
+  else:
+    state = state_lib.with_pretrained_weights(config, state)   # ZegCLIP: CLIP's weights
 
   optimizer = optimizer_fn(state['params'])
   train_step = make_train_step(config, model, optimizer, mesh, state_sharding)
