@@ -272,6 +272,9 @@ def zegclip_model_config() -> ml_collections.ConfigDict:
   # ZegCLIP's img_encoder.py adds CLIP's class embedding to the [CLS] token twice (token
   # and position row); kept, as its released weights were trained so.
   z.class_embedding_twice = True
+  # The side its position table is kept for: CLIP's 14 x 14 table resized once to 32 x 32
+  # (ZegCLIP's input_resolution; its checkpoints hold the 1025-row table).
+  z.input_resolution = 512
   # The architecture of the CLIP at clip.model_path (its config.json's vision_config,
   # checked when the weights load): openai/clip-vit-base-patch16.
   z.vision = ml_collections.ConfigDict(dict(

@@ -184,6 +184,7 @@ def _zegclip_on_the_mini_clip(c) -> None:
   z.vision.num_attention_heads = 4
   z.vision.image_size = c.shapesworld.clip_pretrain.image_size
   z.vision.patch_size = c.shapesworld.clip_pretrain.image_size // 4
+  z.input_resolution = 128         # the training crop, as ZegCLIP's 512
   z.prompt_depth = 2               # every layer, as ZegCLIP
   z.num_heads = 4                  # the head at the world's width (E = 64), as ZegFormer's
   z.ffn_dim = 128                  # decoder here

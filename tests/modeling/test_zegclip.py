@@ -243,3 +243,53 @@ def test_learnable_parameters_match_zegclips_readme():
     frozen = count(shapes['frozen'])
     # CLIP ViT-B/16's image tower with its 14x14+1 position table and the projection.
     assert frozen == 85_799_424 + 768 * 512, frozen
+
+
+def test_clip_table_resized_once_to_the_input_resolution(tmp_path):
+  """ZegCLIP's init_weights: CLIP's 4 x 4 (tiny) position grid becomes the model's 6 x 6
+  table for 48-px inputs, the [CLS] row kept; at 48 px the forward pass uses it as it is."""
+  clip_model = _tiny_clip(tmp_path)
+  model = zegclip.ZegCLIP(clip_model.config.vision_config, clip_model.config.projection_dim,
+                          num_prompts=2, prompt_depth=1, num_layers=1, num_heads=4, ffn_dim=16,
+                          input_resolution=48)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3)),
+                         jnp.ones((2, clip_model.config.projection_dim)))
+  frozen = zegclip.with_clip_weights(variables['frozen'], clip_model.params)
+  table = np.asarray(frozen['image_encoder']['embeddings']['position_embedding']['embedding'])
+  clip_table = np.asarray(clip_model.params['vision_model']['embeddings']['position_embedding']
+                          ['embedding'])
+  assert clip_table.shape == (17, 64) and table.shape == (37, 64)
+  np.testing.assert_array_equal(table[0], clip_table[0])
+  # Oracle: PyTorch's bilinear (align_corners=False) weights written out per output index.
+  def weights(n_in, n_out):
+    w = np.zeros((n_out, n_in))
+    for i in range(n_out):
+      x = min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1)
+      lo = int(np.floor(x))
+      hi = min(lo + 1, n_in - 1)
+      w[i, lo] += 1 - (x - lo)
+      w[i, hi] += x - lo
+    return w
+  grid = clip_table[1:].reshape(4, 4, 64).astype(np.float64)
+  ref = np.einsum('hi,ijd,wj->hwd', weights(4, 6), grid, weights(4, 6))
+  np.testing.assert_allclose(table[1:].reshape(6, 6, 64), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_class_embedding_twice_is_zegclips_cls_input(tmp_path):
+  """ZegCLIP's [CLS] input is class_embedding + (position 0 + class_embedding): the same
+  as CLIP's encoder with the class embedding added to position row 0 by hand."""
+  from zegformer_jax.modeling import prompted_vit
+  clip_model = _tiny_clip(tmp_path)
+  cfg = clip_model.config.vision_config
+  images = jnp.asarray(np.random.RandomState(0).randn(2, 32, 32, 3), jnp.float32)
+  params = prompted_vit.clip_params(clip_model.params)
+  twice = prompted_vit.PromptedCLIPVisionEncoder(cfg, 64, 0, 0, class_embedding_twice=True)
+  plain = prompted_vit.PromptedCLIPVisionEncoder(cfg, 64, 0, 0)
+  emb = params['embeddings']
+  edited = dict(params, embeddings=dict(emb, position_embedding={
+      'embedding': emb['position_embedding']['embedding'].at[0].add(emb['class_embedding'])}))
+  a = twice.apply({'params': params}, images)['cls']
+  b = plain.apply({'params': edited}, images)['cls']
+  c = plain.apply({'params': params}, images)['cls']
+  np.testing.assert_allclose(a, b, atol=1e-6)
+  assert float(jnp.max(jnp.abs(a - c))) > 1e-3

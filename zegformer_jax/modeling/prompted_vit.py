@@ -49,7 +49,7 @@ def torch_linear_matrix(size_in: int, size_out: int) -> np.ndarray:
   return w
 
 
-def resize_position_embeddings(table, grid: Tuple[int, int]) -> jnp.ndarray:
+def resize_position_embeddings(table, grid: Tuple[int, int], xp=jnp) -> jnp.ndarray:
   """[1 + G*G, D] CLIP position table -> [1 + h*w, D] for a patch grid `grid` = (h, w).
 
   The [CLS] row is kept; the G x G patch rows are resized bilinearly as ZegCLIP does
@@ -63,10 +63,26 @@ def resize_position_embeddings(table, grid: Tuple[int, int]) -> jnp.ndarray:
   if (h, w) == (g, g):
     return table
   patches = table[1:].reshape(g, g, d)
-  rows = jnp.asarray(torch_linear_matrix(g, h), table.dtype)
-  cols = jnp.asarray(torch_linear_matrix(g, w), table.dtype)
-  patches = jnp.einsum('hi,ijd,wj->hwd', rows, patches, cols)
-  return jnp.concatenate([table[:1], patches.reshape(h * w, d)], axis=0)
+  rows = xp.asarray(torch_linear_matrix(g, h), table.dtype)
+  cols = xp.asarray(torch_linear_matrix(g, w), table.dtype)
+  patches = xp.einsum('hi,ijd,wj->hwd', rows, patches, cols)
+  return xp.concatenate([table[:1], patches.reshape(h * w, d)], axis=0)
+
+
+def position_rows(config, input_resolution: int = 0) -> int:
+  """Rows of the position table for images of side `input_resolution` (0: CLIP's own)."""
+  side = (input_resolution or config.image_size) // config.patch_size
+  return side * side + 1
+
+
+def resize_position_table(table: np.ndarray, rows: int) -> np.ndarray:
+  """A CLIP position table [1 + G*G, D] resized to `rows` = 1 + g*g rows (float64 numpy,
+  the bilinear resize of `resize_position_embeddings`), as ZegCLIP's init_weights."""
+  g = int(round((rows - 1) ** 0.5))
+  if g * g != rows - 1:
+    raise ValueError(f'{rows} position rows are not 1 + a square grid')
+  return np.asarray(resize_position_embeddings(np.asarray(table, np.float64), (g, g),
+                                               xp=np), table.dtype)
 
 
 class _VisionEmbeddings(nn.Module):
@@ -78,6 +94,7 @@ class _VisionEmbeddings(nn.Module):
   """
   config: Any
   class_embedding_twice: bool = False
+  input_resolution: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -88,7 +105,8 @@ class _VisionEmbeddings(nn.Module):
     patches = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', use_bias=False,
                       dtype=self.dtype, name='patch_embedding')(images)
     b, h, w, _ = patches.shape
-    table = nn.Embed((cfg.image_size // p) ** 2 + 1, d, name='position_embedding').embedding
+    table = nn.Embed(position_rows(cfg, self.input_resolution), d,
+                     name='position_embedding').embedding
     if self.class_embedding_twice:
       table = table.at[0].add(cls)
     tokens = jnp.concatenate([jnp.broadcast_to(cls.astype(patches.dtype), (b, 1, d)),
@@ -133,6 +151,10 @@ class PromptedCLIPVisionEncoder(nn.Module):
     out_indices: layers whose raw output patch tokens are also returned (0-based).
     prompt_dropout: dropout on the projected prompts (ZegCLIP: 0.1).
     class_embedding_twice: ZegCLIP's [CLS] input (`_VisionEmbeddings`); False is CLIP's.
+    input_resolution: the image side the position table is made for (0: CLIP's own
+      image_size). ZegCLIP keeps a 512-px table (1 + 32 x 32 rows), CLIP's resized once
+      when the weights load (`resize_position_table`), and resizes it again to the grid of
+      each input (an identity for 512-px windows).
   """
   config: Any
   projection_dim: int
@@ -141,6 +163,7 @@ class PromptedCLIPVisionEncoder(nn.Module):
   out_indices: Sequence[int] = ()
   prompt_dropout: float = 0.1
   class_embedding_twice: bool = False
+  input_resolution: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -160,8 +183,8 @@ class PromptedCLIPVisionEncoder(nn.Module):
     if any(not 0 <= i < num_layers for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)}: CLIP has {num_layers} layers')
     d, n = cfg.hidden_size, self.num_prompts
-    x, (h, w) = _VisionEmbeddings(cfg, self.class_embedding_twice, self.dtype,
-                                  name='embeddings')(images.astype(self.dtype))
+    x, (h, w) = _VisionEmbeddings(cfg, self.class_embedding_twice, self.input_resolution,
+                                  self.dtype, name='embeddings')(images.astype(self.dtype))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
     prompted = bool(n and self.prompt_depth)
     if prompted:

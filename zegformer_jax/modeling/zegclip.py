@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zegformer_jax.modeling import prompted_vit
 from zegformer_jax.weights import store
@@ -141,6 +142,8 @@ class ZegCLIP(nn.Module):
     num_prompts, prompt_depth, prompt_dropout: the encoder's deep prompts.
     num_layers, num_heads, ffn_dim, dropout: the head.
     class_embedding_twice: ZegCLIP's [CLS] input (prompted_vit._VisionEmbeddings).
+    input_resolution: the side of the images the position table is kept for (ZegCLIP: 512;
+      0: CLIP's own); `with_clip_weights` resizes CLIP's table to it.
 
   Variables: 'params' holds what trains, the prompt parameters ('image_encoder/
   deep_prompts', 'prompt_proj', 'prompt_norm') and the head; 'frozen' holds CLIP's image
@@ -158,6 +161,7 @@ class ZegCLIP(nn.Module):
   ffn_dim: int = 2048
   dropout: float = 0.1
   class_embedding_twice: bool = False
+  input_resolution: int = 0
   dtype: Any = jnp.float32
 
   @property
@@ -179,7 +183,8 @@ class ZegCLIP(nn.Module):
         init=initializing, mutable=initializing)
     enc = encoder_cls(self.clip_config, self.projection_dim, self.num_prompts,
                       self.prompt_depth, prompt_dropout=self.prompt_dropout,
-                      class_embedding_twice=self.class_embedding_twice, dtype=self.dtype,
+                      class_embedding_twice=self.class_embedding_twice,
+                      input_resolution=self.input_resolution, dtype=self.dtype,
                       name='image_encoder')(images, deterministic=not train)
     logits = ZegCLIPHead(self.num_layers, self.num_heads, self.ffn_dim, self.dropout,
                          self.dtype, name='head')(enc['patches'], enc['cls'],
@@ -207,7 +212,7 @@ def build_model(model_config) -> ZegCLIP:
                  prompt_dropout=float(z.prompt_dropout), num_layers=int(z.num_layers),
                  num_heads=int(z.num_heads), ffn_dim=int(z.ffn_dim),
                  dropout=float(z.dropout), class_embedding_twice=bool(z.class_embedding_twice),
-                 dtype=jnp.dtype(model_config.dtype))
+                 input_resolution=int(z.input_resolution), dtype=jnp.dtype(model_config.dtype))
 
 
 def check_clip(model_config, clip_model, where: str) -> None:
@@ -224,12 +229,23 @@ def check_clip(model_config, clip_model, where: str) -> None:
                      f'config.model.embed_dim is {model_config.embed_dim}')
 
 
+POSITION_TABLE = ('embeddings', 'position_embedding', 'embedding')
+
+
 def with_clip_weights(frozen, clip_model_params):
   """The model's 'frozen' variables with the image encoder's CLIP weights replaced by those
   of a FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); names and shapes
-  checked, every weight of the encoder covered."""
+  checked, every weight of the encoder covered. CLIP's position table is resized to the
+  model's input_resolution first (ZegCLIP's init_weights: 14 x 14 -> 32 x 32)."""
   clip_tree = prompted_vit.clip_params(clip_model_params)
   want = store.flat_shapes(frozen['image_encoder'])
+  if POSITION_TABLE in want:
+    table = np.asarray(clip_tree['embeddings']['position_embedding']['embedding'])
+    rows = want[POSITION_TABLE][0]
+    if table.shape[0] != rows and table.shape[1:] == tuple(want[POSITION_TABLE][1:]):
+      clip_tree = dict(clip_tree, embeddings=dict(
+          clip_tree['embeddings'], position_embedding={
+              'embedding': prompted_vit.resize_position_table(table, rows)}))
   got = store.flat_shapes(clip_tree)
   for path, shape in got.items():
     name = store.path_str(('image_encoder',) + path)
