@@ -75,12 +75,19 @@ def _assert_same_params(a, b, atol=0.0):
 
 
 def test_prompt_sets_sizes_and_placeholders():
-  assert clip.prompt_template_names() == ['single', 'imagenet_select', 'select_clip', 'imagenet']
+  assert clip.prompt_template_names() == ['single', 'imagenet_select', 'select_clip', 'imagenet',
+                                          'zegclip_single', 'zegclip_multi']
   sizes = {name: len(clip.prompt_templates(name)) for name in clip.prompt_template_names()}
-  assert sizes == {'single': 1, 'imagenet_select': 8, 'select_clip': 32, 'imagenet': 80}
+  assert sizes == {'single': 1, 'imagenet_select': 8, 'select_clip': 32, 'imagenet': 80,
+                   'zegclip_single': 1, 'zegclip_multi': 15}
   for name in sizes:
     assert all(t.count('{}') == 1 for t in clip.prompt_templates(name))
+    assert len(set(clip.prompt_templates(name))) == sizes[name]
   assert clip.prompt_templates('single') == ['A photo of a {} in the scene']
+  # ZegCLIP's get_embedding.ipynb: VOC's single template, COCO-Stuff's first and last of 15.
+  assert clip.prompt_templates('zegclip_single') == ['a photo of a {}']
+  assert clip.prompt_templates('zegclip_multi')[::14] == ['a photo of a {}.',
+                                                          'This is one {} in the scene.']
 
 
 def test_prompt_sets_match_reference_file():

@@ -18,7 +18,12 @@ truth is kept; everything else stays ignored.
 The pseudo-labelled training split is written once to <workdir>/self_training_data (the
 other splits are links to the source dataset's shards), and training reads it from there.
 Only methods whose parameters do not depend on the number of classes (ZegFormer,
-SPNet-FPN) can continue from the source's weights with more classes.
+SPNet-FPN, ZegCLIP) can continue from the source's weights with more classes.
+
+ZegCLIP's own transductive training relabels, at every step, the pixels whose ground truth
+is an unseen class with the argmax over the unseen classes; that needs to know which
+pixels are unseen, which the converted training splits do not keep (they are ignore
+pixels, like every unlabelled one). Its transductive mode here is this offline one.
 """
 import json
 import logging
@@ -84,7 +89,7 @@ def make_pseudo_labelled_data(config, workdir: str) -> str:
   if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
     return out_dir
   st = config.self_training
-  if not methods.method_name(config.model) in ('zegformer', 'spnet_fpn'):
+  if not methods.method_name(config.model) in ('zegformer', 'spnet_fpn', 'zegclip'):
     raise ValueError(f'self-training continues from the source weights with more classes; '
                      f'method {methods.method_name(config.model)!r} has class-sized params')
   source = st.source_workdir

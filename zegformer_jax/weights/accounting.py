@@ -10,7 +10,7 @@ import os
 import re
 import zipfile
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -144,9 +144,39 @@ class Conversion:
 
 
 def model_shapes(model_config) -> Dict[Path, Tuple[int, ...]]:
-  """{('params'|'frozen', ...): shape} of the ZegFormer built from a `model` config."""
-  from zegformer_jax.modeling import zegformer
-  return flat_shapes(zegformer.variable_shapes(model_config))
+  """{('params'|'frozen', ...): shape} of the method's model built from a `model` config."""
+  from zegformer_jax.modeling import methods
+  return flat_shapes(methods.variable_shapes(model_config))
+
+
+def add_targets(conv: Conversion, key: str, value, targets: Sequence[Target],
+                shapes: Optional[Mapping[Path, Tuple[int, ...]]]) -> None:
+  """Converts source tensor `key` into each of its `targets`, recording it in `conv`: a
+  target the model lacks makes the key unused, a shape the model does not want a mismatch
+  (both judged by check_conversion); two sources for one variable are an error."""
+  value = np.asarray(value)
+  if not is_float(value.dtype):
+    raise ConversionError(f'{key}: dtype {value.dtype} where a float tensor is expected')
+  for coll, path, transform in targets:
+    full = (coll,) + path
+    try:
+      converted = transform(value)
+    except ConversionError as e:
+      raise ConversionError(f'{key}: {e}') from None
+    if shapes is not None:
+      if full not in shapes:
+        if key not in conv.unused:
+          conv.unused.append(key)
+        continue
+      if tuple(converted.shape) != tuple(shapes[full]):
+        conv.mismatched.append((key, path_str(full), tuple(converted.shape),
+                                tuple(shapes[full])))
+        continue
+    if full in conv.variables:
+      raise ConversionError(f'{key}: {path_str(full)} is also produced by '
+                            f'{conv.sources[path_str(full)]}')
+    conv.variables[full] = converted
+    conv.sources[path_str(full)] = key
 
 
 def is_float(dtype: np.dtype) -> bool:

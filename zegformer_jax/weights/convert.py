@@ -1,4 +1,4 @@
-"""Weight import: ResNet, official ZegFormer and OpenAI CLIP checkpoints -> zegformer_jax.
+"""Weight import: ResNet, official ZegFormer, ZegCLIP and OpenAI CLIP checkpoints.
 
   python -m zegformer_jax.weights.convert --from FORMAT --input FILE --output DIR \\
       [--config configs/x.py[:arg]] [--allow_missing PATTERN,...]
@@ -23,9 +23,10 @@ import numpy as np
 from zegformer_jax.weights import accounting
 from zegformer_jax.weights import openai_clip
 from zegformer_jax.weights import store
+from zegformer_jax.weights import zegclip
 from zegformer_jax.weights import zegformer
 
-FORMATS = ('d2-resnet', 'torchvision-resnet', 'zegformer', 'openai-clip')
+FORMATS = ('d2-resnet', 'torchvision-resnet', 'zegformer', 'zegclip', 'openai-clip')
 CLIP_DIR = 'clip'   # DIR/clip: the CLIP of an eval-config ZegFormer checkpoint
 
 
@@ -107,10 +108,18 @@ def convert(source_format: str, input_path: str, output: str, *, config_spec: st
       from zegformer_jax import cli  # here, not at import: it defines an absl flag
       model_config = cli.load_config(config_spec).model
     if model_config is not None:
+      name = model_config.get('name', 'zegformer')
+      if (source_format == 'zegclip') != (name == 'zegclip'):
+        raise ValueError(f'--from {source_format} with a config of model.name {name!r}: '
+                         'ZegCLIP checkpoints need a ZegCLIP config (configs/'
+                         '*_zegclip_vitb16.py), the other formats a ZegFormer one')
       shapes = accounting.model_shapes(model_config)
     else:
       notes.append('no --config: converted by name only; shapes are checked by load_params')
-    conv = zegformer.convert_zegformer_format(source_format, tensors, shapes)
+    if source_format == 'zegclip':
+      conv = zegclip.convert_zegclip(tensors, shapes)
+    else:
+      conv = zegformer.convert_zegformer_format(source_format, tensors, shapes)
     ignored, absent = accounting.check_conversion(conv, allow_missing, input_path)
     if not conv.variables:
       raise accounting.ConversionError(

@@ -21,7 +21,7 @@ _CLIP_BLOCK = re.compile(r'^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$')
 _CLIP_LAYER_NORMS = {'ln_1': 'layer_norm1', 'ln_2': 'layer_norm2'}
 
 
-def _clip_targets(key: str) -> Optional[List[Tuple[Path, Transform]]]:
+def clip_targets(key: str) -> Optional[List[Tuple[Path, Transform]]]:
   """OpenAI CLIP key -> [(Hugging Face Flax path, transform)]; None if unknown."""
   m = _CLIP_BLOCK.match(key)
   if m:
@@ -149,7 +149,7 @@ def openai_clip_to_hf(tensors: Mapping[str, np.ndarray], *, text_heads: Optional
     if reason is not None:
       skipped[key_prefix + key] = reason
       continue
-    targets = _clip_targets(key)
+    targets = clip_targets(key)
     if targets is None:
       unused.append(key_prefix + key)
       continue

@@ -11,8 +11,8 @@ import numpy as np
 
 from zegformer_jax.weights import resnet
 from zegformer_jax.weights.accounting import (
-    NORM_LEAVES, Conversion, ConversionError, Path, Target, identity, in_proj_part, is_float,
-    known_unused, linear_to_dense, oihw_to_hwio, shape_of, squeeze_row)
+    NORM_LEAVES, Conversion, ConversionError, Path, Target, add_targets, identity,
+    in_proj_part, known_unused, linear_to_dense, oihw_to_hwio, shape_of, squeeze_row)
 from zegformer_jax.weights.store import covered, path_str
 
 # What a full checkpoint is responsible for.
@@ -168,29 +168,7 @@ def convert_zegformer_format(source_format: str, tensors: Mapping[str, np.ndarra
     if targets is None:
       conv.unused.append(key)
       continue
-    value = np.asarray(value)
-    if not is_float(value.dtype):
-      raise ConversionError(f'{key}: dtype {value.dtype} where a float tensor is expected')
-    for coll, path, transform in targets:
-      full = (coll,) + path
-      try:
-        converted = transform(value)
-      except ConversionError as e:
-        raise ConversionError(f'{key}: {e}') from None
-      if shapes is not None:
-        if full not in shapes:
-          if key not in conv.unused:
-            conv.unused.append(key)
-          continue
-        if tuple(converted.shape) != tuple(shapes[full]):
-          conv.mismatched.append((key, path_str(full), tuple(converted.shape),
-                                  tuple(shapes[full])))
-          continue
-      if full in conv.variables:
-        raise ConversionError(f'{key}: {path_str(full)} is also produced by '
-                              f'{conv.sources[path_str(full)]}')
-      conv.variables[full] = converted
-      conv.sources[path_str(full)] = key
+    add_targets(conv, key, value, targets, shapes)
   if shapes is not None:
     conv.missing = sorted(path_str(p) for p in shapes
                           if covered(path_str(p), covers) and p not in conv.variables)
