@@ -1,7 +1,8 @@
 r"""ZegCLIP ViT-B/16 on COCO-Stuff 156 seen / 15 unseen (its
 vpt_seg_zero_vit-b_512x512_80k_12_100_multi).
 
-  python -m zegformer_jax.main --config configs/coco_stuff_zegclip_vitb16.py --workdir runs/coco_zegclip
+  python -m zegformer_jax.main --config configs/coco_stuff_zegclip_vitb16.py \
+      --workdir runs/coco_zegclip
 
 As configs/voc_zegclip_vitb16.py (docs/reference.md §10) with 100 deep prompts per layer,
 80k steps, and text embeddings averaged over 15 templates ('zegclip_multi'); crop 512, short

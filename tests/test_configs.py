@@ -91,8 +91,8 @@ def test_cli_wrong_type_is_one_line_error():
                           'configs/common.py has no get_config(arg) function'),
     ('configs/shapesworld.py:bad', "error: cannot load config 'configs/shapesworld.py:bad': "
                                    'shapesworld config argument must be a comma-separated list '
-                                   "of ('smoke', 'zegformer', 'spnet_fpn', 'zs3net', 'zegclip'); got "
-                                   "'bad'")])
+                                   "of ('smoke', 'zegformer', 'spnet_fpn', 'zs3net', "
+                                   "'zegclip'); got 'bad'")])
 def test_cli_config_file_errors_are_one_line(spec, line):
   r = _main('--config', spec, '--mode', 'summary')
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == line

@@ -1531,3 +1531,160 @@ def test_numpy_reference_layers_match_torch():
   mask = np.triu(np.full((3, 5), -np.inf), 3)
   want = mha(t(q), t(k), t(k), need_weights=False, attn_mask=t(mask))[0].detach().numpy()
   np.testing.assert_allclose(np_mha_packed(sd, '', q, k, k, 2, mask), want, atol=1e-10)
+
+
+# =============================================================================================
+# ZegCLIP: a tiny model written in its mmcv checkpoint layout (weights/zegclip.py), checked
+# against a float64 numpy forward pass of that layout.
+
+
+def tiny_zegclip_config():
+  c = ml_collections.ConfigDict(shapesworld.get_config('zegclip').model.to_dict())
+  z = c.zegclip
+  z.input_resolution = 48          # a 6 x 6 position table, as ZegCLIP's 32 x 32 at 512 px
+  z.num_prompts, z.prompt_depth = 3, 2
+  z.num_layers, z.num_heads, z.ffn_dim = 2, 4, 64
+  return c
+
+
+def zegclip_state(cfg, num_classes=4, seed=0):
+  """{key: array} in ZegCLIP's state-dict layout (the keys its mmcv checkpoints hold)."""
+  z, e = cfg.zegclip, cfg.embed_dim
+  d, layers = z.vision.hidden_size, z.vision.num_hidden_layers
+  grid = z.input_resolution // z.vision.patch_size
+  clip = random_clip_state(openai_clip_shapes(50, vision_width=d, vision_layers=layers,
+                                              patch=z.vision.patch_size, grid=grid,
+                                              embed=e), seed)
+  rng = np.random.default_rng(seed + 1)
+  r = lambda *shape, s=0.2: np.asarray(s * rng.standard_normal(shape), np.float32)
+  sd = {'backbone.' + k[len('visual.'):]: v for k, v in clip.items() if k.startswith('visual.')}
+  sd['backbone.prompt_embeddings'] = r(1, z.num_prompts, d)
+  sd['backbone.deep_prompt_embeddings'] = r(z.prompt_depth - 1, z.num_prompts, d)
+  sd.update({'backbone.prompt_proj.weight': r(d, d), 'backbone.prompt_proj.bias': r(d),
+             'backbone.prompt_norm.weight': 1 + r(d), 'backbone.prompt_norm.bias': r(d)})
+  sd.update({f'text_encoder.{k}': v for k, v in clip.items() if not k.startswith('visual.')})
+  for i in range(z.num_layers):
+    p = f'decode_head.decoder_1.layers.{i}.'
+    sd.update({p + 'self_attn.in_proj_weight': r(3 * e, e),
+               p + 'self_attn.in_proj_bias': r(3 * e), p + 'self_attn.out_proj.weight': r(e, e),
+               p + 'self_attn.out_proj.bias': r(e),
+               p + 'linear1.weight': r(z.ffn_dim, e), p + 'linear1.bias': r(z.ffn_dim),
+               p + 'linear2.weight': r(e, z.ffn_dim), p + 'linear2.bias': r(e)})
+    for n in ('norm1', 'norm2', 'norm3'):
+      sd.update({f'{p}{n}.weight': 1 + r(e), f'{p}{n}.bias': r(e)})
+    for n in 'qkvp':
+      name = 'proj' if n == 'p' else n
+      sd.update({f'{p}multihead_attn.{name}.weight': r(e, e),
+                 f'{p}multihead_attn.{name}.bias': r(e)})
+  sd.update({'decode_head.q_proj.weight': r(e, 2 * e), 'decode_head.q_proj.bias': r(e)})
+  sd['decode_head.loss_decode.criterion.empty_weight'] = np.r_[np.ones(num_classes), 0.1]
+  return {k: np.asarray(v, np.float32) for k, v in sd.items()}
+
+
+def np_zegclip(sd, images_nchw, text, cfg):
+  """ZegCLIP's forward pass (img_encoder.py, decode_seg.py) in float64 from its own layout:
+  mask logits [B, g, g, C]."""
+  z = cfg.zegclip
+  f = lambda k: np.asarray(sd[k], np.float64)
+  w = f('backbone.conv1.weight')
+  width, _, p, _ = w.shape
+  b, c, s, _ = images_nchw.shape
+  g = s // p
+  x = np.einsum('bcipjq,wcpq->bijw', images_nchw.reshape(b, c, g, p, g, p), w)
+  x = x.reshape(b, g * g, width)
+  cls = f('backbone.class_embedding')
+  pos = f('backbone.positional_embedding').copy()
+  pos[0] += cls                                            # its cls_pos: the class embedding again
+  x = np.concatenate([np.broadcast_to(cls, (b, 1, width)), x], 1) + pos
+  x = np_layer_norm(x, f('backbone.ln_pre.weight'), f('backbone.ln_pre.bias'))
+  prompts = np.concatenate([f('backbone.prompt_embeddings'),
+                            f('backbone.deep_prompt_embeddings')], 0)
+  prompts = prompts @ f('backbone.prompt_proj.weight').T + f('backbone.prompt_proj.bias')
+  for i in range(z.vision.num_hidden_layers):
+    x = np.concatenate([x[:, :1], np.broadcast_to(prompts[i], (b,) + prompts[i].shape),
+                        x[:, -g * g:]], 1)
+    pre = f'backbone.transformer.resblocks.{i}.'
+    block = {'blk.0.' + k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    x = np_clip_transformer(block, 'blk.', x, 1, z.vision.num_attention_heads)
+  mu = x.mean(-1, keepdims=True)
+  x = ((x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+       * f('backbone.prompt_norm.weight') + f('backbone.prompt_norm.bias'))
+  x = np_layer_norm(x, f('backbone.ln_post.weight'), f('backbone.ln_post.bias'))
+  x = x @ f('backbone.proj')
+  x /= np.linalg.norm(x, axis=-1, keepdims=True)
+  glob, tokens = x[:, 0], x[:, -g * g:]
+  q = np.concatenate([text[None] * glob[:, None], np.broadcast_to(text, (b,) + text.shape)], -1)
+  q = q @ f('decode_head.q_proj.weight').T + f('decode_head.q_proj.bias')
+  heads, e = z.num_heads, q.shape[-1]
+  hd = e // heads
+  for i in range(z.num_layers):
+    pre = f'decode_head.decoder_1.layers.{i}.'
+    lin = lambda t, n: t @ f(pre + n + '.weight').T + f(pre + n + '.bias')
+    split = lambda t: t.reshape(b, t.shape[1], heads, hd).transpose(0, 2, 1, 3)
+    logits = (split(lin(q, 'multihead_attn.q')) @ split(lin(tokens, 'multihead_attn.k'))
+              .transpose(0, 1, 3, 2)) / math.sqrt(hd)                     # [B, h, C, T]
+    att = np.exp(logits - logits.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    out = (att @ split(lin(tokens, 'multihead_attn.v'))).transpose(0, 2, 1, 3).reshape(q.shape)
+    q = np_layer_norm(q + lin(out, 'multihead_attn.proj'), f(pre + 'norm2.weight'),
+                      f(pre + 'norm2.bias'))
+    q = np_layer_norm(q + lin(np.maximum(lin(q, 'linear1'), 0), 'linear2'),
+                      f(pre + 'norm3.weight'), f(pre + 'norm3.bias'))
+  return logits.mean(1).transpose(0, 2, 1).reshape(b, g, g, -1)
+
+
+def test_zegclip_checkpoint_imports_and_matches_its_forward_pass(tmp_path):
+  """A tiny ZegCLIP in its mmcv checkpoint ({'meta', 'state_dict', 'optimizer'}, torch zip
+  written without torch): every key converted or skipped with its reason, every variable
+  covered, and the imported model's mask logits equal the float64 numpy forward pass of
+  the checkpoint's own layout."""
+  from zegformer_jax.modeling import methods
+  cfg = tiny_zegclip_config()
+  sd = zegclip_state(cfg)
+  ckpt = {'meta': {'mmseg_version': '0.20.2', 'CLASSES': ('a', 'b', 'c', 'd'), 'iter': 20000},
+          'state_dict': collections.OrderedDict(sd),
+          'optimizer': {'state': {}, 'param_groups': [{'lr': 2e-5, 'params': [0, 1]}]}}
+  write_torch_zip(tmp_path / 'iter_20000.pth', ckpt)
+  meta = convert.convert('zegclip', str(tmp_path / 'iter_20000.pth'), str(tmp_path / 'out'),
+                         model_config=cfg)
+  skipped = meta['skipped']
+  assert sum(k.startswith('text_encoder.') for k in skipped) == sum(
+      k.startswith('text_encoder.') for k in sd)
+  assert sorted(k for k in skipped if k.startswith('decode_head.')) == sorted(
+      [f'decode_head.decoder_1.layers.{i}.{n}' for i in range(2)
+       for n in ('self_attn.in_proj_weight', 'self_attn.in_proj_bias',
+                 'self_attn.out_proj.weight', 'self_attn.out_proj.bias', 'norm1.weight',
+                 'norm1.bias')] + ['decode_head.loss_decode.criterion.empty_weight'])
+  assert meta['ignored'] == [] and meta['absent'] == []
+
+  model = methods.build_model(cfg)
+  abstract = methods.variable_shapes(cfg, image_hw=(48, 48), num_classes=3)
+  params, frozen = store.load_params(str(tmp_path / 'out'), abstract['params'],
+                                     abstract['frozen'])
+  np.testing.assert_array_equal(
+      params['image_encoder']['deep_prompts'],
+      np.concatenate([sd['backbone.prompt_embeddings'], sd['backbone.deep_prompt_embeddings']]))
+  rng = np.random.default_rng(3)
+  images = rng.standard_normal((2, 48, 48, 3)).astype(np.float32)
+  text = rng.standard_normal((3, cfg.embed_dim))
+  text /= np.linalg.norm(text, axis=-1, keepdims=True)
+  got = model.apply({'params': params, 'frozen': frozen}, jnp.asarray(images),
+                    jnp.asarray(text, jnp.float32))['mask_logits']
+  want = np_zegclip(sd, images.transpose(0, 3, 1, 2).astype(np.float64), text, cfg)
+  assert got.shape == want.shape == (2, 6, 6, 3)
+  _report('zegclip mask logits', np.asarray(got), want)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+
+
+def test_zegclip_import_names_a_missing_prompt_table_and_a_zegformer_config(tmp_path):
+  cfg = tiny_zegclip_config()
+  sd = zegclip_state(cfg)
+  del sd['backbone.prompt_embeddings']
+  write_torch_zip(tmp_path / 'bad.pth', {'state_dict': sd})
+  with pytest.raises(accounting.ConversionError,
+                     match='backbone.deep_prompt_embeddings without backbone.prompt_embeddings'):
+    convert.convert('zegclip', str(tmp_path / 'bad.pth'), str(tmp_path / 'out'),
+                    model_config=cfg)
+  with pytest.raises(ValueError, match="--from zegclip with a config of model.name 'zegformer'"):
+    convert.convert('zegclip', str(tmp_path / 'bad.pth'), str(tmp_path / 'out2'),
+                    model_config=tiny_model_config())
