@@ -1,4 +1,5 @@
-"""SPNet-FPN and ZS3Net through `main` (train, evaluate, metrics JSON) and the comparison table."""
+"""SPNet-FPN, ZS3Net and ZegCLIP through `main` (train, evaluate, metrics JSON) and the
+comparison table."""
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ def _method_run(workdir, resources, cache, method, *overrides, mode='train_and_e
 def method_runs(tmp_path_factory, smoke_resources, compile_cache):
   root = tmp_path_factory.mktemp('methods')
   runs = {}
-  for method in ('spnet_fpn', 'zs3net'):
+  for method in ('spnet_fpn', 'zs3net', 'zegclip'):
     workdir = str(root / method)
     result = _method_run(workdir, smoke_resources, compile_cache, method)
     assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
@@ -38,7 +39,8 @@ def test_pixel_methods_train_and_evaluate_through_main(method_runs, smoke_resour
     assert config['model']['name'] == method
     summary = cli_runs.summary(workdir)
     assert summary['final_step'] == 6
-    assert set(summary['final_loss_terms']) == {'loss', 'loss_sem_seg'}
+    assert set(summary['final_loss_terms']) == (
+        {'loss', 'loss_focal', 'loss_dice'} if method == 'zegclip' else {'loss', 'loss_sem_seg'})
   # ZS3Net's generative stage ran after training and its classifier covers all 32 classes.
   zs3 = method_runs['zs3net'][0]
   assert 'ZS3Net generator: MMD' in method_runs['zs3net'][1]
@@ -55,6 +57,42 @@ def test_pixel_methods_train_and_evaluate_through_main(method_runs, smoke_resour
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       "error: variant 'full' needs segments: method 'spnet_fpn' has only ('seg',)")
+
+
+@pytest.mark.slow
+def test_zegclip_trains_prompts_and_head_and_keeps_clip(method_runs, smoke_resources):
+  """After training through main, the checkpoint's CLIP image tower is the miniature CLIP's
+  (its position table resized once to the 128-px input); prompts and head are the params."""
+  import jax
+  import numpy as np
+  from configs import shapesworld
+  from zegformer_jax.modeling import clip
+  from zegformer_jax.modeling import prompted_vit
+  from zegformer_jax.projects.shapesworld import prepare
+  from zegformer_jax.training import state as state_lib
+  workdir = method_runs['zegclip'][0]
+  config = shapesworld.get_config('zegclip,smoke')
+  with config.unlocked():
+    config.dataset.data_dir = os.path.join(smoke_resources, 'data')
+    config.clip.model_path = os.path.join(smoke_resources, 'clip')
+  config = prepare.prepare(config, workdir, for_training=False)   # as main does
+  _, state = state_lib.load_latest_state(config, workdir, 26)
+  frozen = jax.device_get(state['frozen'])['image_encoder']
+  vision = clip.load_clip(config.clip.model_path)[0].params
+  np.testing.assert_array_equal(frozen['encoder']['layers']['1']['mlp']['fc2']['kernel'],
+                                vision['vision_model']['encoder']['layers']['1']['mlp']['fc2']
+                                ['kernel'])
+  np.testing.assert_array_equal(frozen['visual_projection']['kernel'],
+                                vision['visual_projection']['kernel'])
+  table = vision['vision_model']['embeddings']['position_embedding']['embedding']
+  assert table.shape[0] == 65   # the smoke CLIP's 8 x 8 grid -> 16 x 16 at 128 px
+  np.testing.assert_allclose(frozen['embeddings']['position_embedding']['embedding'],
+                             prompted_vit.resize_position_table(np.asarray(table), 257),
+                             rtol=1e-6, atol=1e-7)
+  params = jax.device_get(state['params'])
+  assert sorted(params['image_encoder']) == ['deep_prompts', 'prompt_norm', 'prompt_proj']
+  assert params['image_encoder']['deep_prompts'].shape == (2, 10, 64)
+  assert state['step'] == 6
 
 
 @pytest.mark.slow
@@ -79,11 +117,12 @@ def test_compare_table(method_runs, cached_run, smoke_resources, compile_cache, 
   result = cli_runs.run(cli_runs.main_args(zeg, smoke_resources, mode='eval') +
                         ['--variants', 'seg'], compile_cache)
   assert result.returncode == 0, cli_runs.tail(result.stdout + result.stderr)
-  workdirs = [method_runs['spnet_fpn'][0], method_runs['zs3net'][0], zeg]
+  workdirs = [method_runs['spnet_fpn'][0], method_runs['zs3net'][0], zeg,
+              method_runs['zegclip'][0]]
   out = str(tmp_path / 'table')
   text = compare.compare(workdirs, output=out)
   rows = json.load(open(out + '.json'))['runs']
-  assert [r['label'] for r in rows] == ['SPNet-FPN', 'ZS3Net', 'ZegFormer-seg']
+  assert [r['label'] for r in rows] == ['SPNet-FPN', 'ZS3Net', 'ZegFormer-seg', 'ZegCLIP']
   for r in rows:
     m = json.load(open(os.path.join(r['workdir'], 'metrics_seg.json')))
     assert r['mIoU_unseen'] == m['mIoU_unseen'] and r['hIoU'] == m['hIoU']

@@ -13,6 +13,9 @@ others):
                       and no config.train.init_from
 
 A field the user set is kept as it is (the tests share one world and one CLIP that way).
+ZegCLIP's image encoder is the world's CLIP itself: config.model.zegclip.vision is set to
+the architecture of the CLIP at config.clip.model_path (the miniature one's size follows
+its pretraining settings).
 main calls `prepare` through config.project before training, evaluation or prediction.
 """
 import logging
@@ -54,7 +57,19 @@ def prepare(config, workdir: str, *, for_training: bool = True):
       config.clip.model_path = mini_clip_dir(config, workdir)
     if make_backbone:
       config.train.init_from = backbone_dir(config, workdir)
+    if config.model.get('name') == 'zegclip':
+      _zegclip_vision_from_clip(config)
   return config
+
+
+def _zegclip_vision_from_clip(config) -> None:
+  """config.model.zegclip.vision <- the vision_config of the CLIP at clip.model_path."""
+  from transformers import CLIPConfig
+  from zegformer_jax.modeling import zegclip
+  loaded = CLIPConfig.from_pretrained(config.clip.model_path)
+  for key in zegclip.VISION_KEYS:
+    config.model.zegclip.vision[key] = getattr(loaded.vision_config, key)
+  config.model.embed_dim = loaded.projection_dim
 
 
 def world_settings(config) -> dict:
