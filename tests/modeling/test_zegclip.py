@@ -293,3 +293,25 @@ def test_class_embedding_twice_is_zegclips_cls_input(tmp_path):
   c = plain.apply({'params': params}, images)['cls']
   np.testing.assert_allclose(a, b, atol=1e-6)
   assert float(jnp.max(jnp.abs(a - c))) > 1e-3
+
+
+def test_check_clip_names_the_first_differing_key(tmp_path):
+  import ml_collections
+  import pytest
+  from configs import common
+  clip_model = _tiny_clip(tmp_path)     # 32-px images, 8-px patches, width 64, D = 64
+  cfg = ml_collections.ConfigDict({'embed_dim': 64, 'zegclip': common.zegclip_model_config()})
+  with pytest.raises(ValueError, match=r"^CLIP at W/clip has vision_config.hidden_size = 64; "
+                                       r"config.model.zegclip.vision.hidden_size is 768$"):
+    zegclip.check_clip(cfg, clip_model, 'W/clip')
+  v = cfg.zegclip.vision
+  v.hidden_size, v.intermediate_size, v.num_hidden_layers = 64, 256, 2
+  v.num_attention_heads, v.image_size, v.patch_size = 4, 32, 16
+  with pytest.raises(ValueError, match=r"vision_config.patch_size = 8; "
+                                       r"config.model.zegclip.vision.patch_size is 16$"):
+    zegclip.check_clip(cfg, clip_model, 'W/clip')
+  v.patch_size = 8
+  zegclip.check_clip(cfg, clip_model, 'W/clip')
+  cfg.embed_dim = 512
+  with pytest.raises(ValueError, match='projection_dim 64; config.model.embed_dim is 512'):
+    zegclip.check_clip(cfg, clip_model, 'W/clip')

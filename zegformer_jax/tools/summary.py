@@ -7,6 +7,11 @@ Two conventions are reported:
   R-50: 41,401,152; R-101: 60,393,280.
 - trainable only (FrozenBN scale and bias excluded): R-50: 41,348,032; R-101: 60,287,936.
 FrozenBN running mean and variance are never counted.
+
+ZegCLIP's frozen variables are CLIP's image tower (weights, not statistics): its second
+column counts all of them, and `trainable only` is its learnable count (ZegCLIP's README:
+13.8M on VOC, which also counts 3.15M of decoder self-attention that is never called;
+tests/modeling/test_zegclip.py).
 """
 from typing import Tuple
 
@@ -37,22 +42,25 @@ def parameter_summary(model_config: ml_collections.ConfigDict,
   """
   shapes = methods.variable_shapes(model_config, image_hw)
   params, frozen = shapes['params'], shapes.get('frozen', {})
+  frozen_clip = methods.method_name(model_config) == 'zegclip'
   names = list(params) + [k for k in frozen if k not in params]
   rows = []
   for name in names:
     trainable = _count(params.get(name, {}))
     affine = _count([leaf for path, leaf in
                      jax.tree_util.tree_leaves_with_path(frozen.get(name, {}))
-                     if getattr(path[-1], 'key', None) in ('scale', 'bias')])
+                     if frozen_clip or getattr(path[-1], 'key', None) in ('scale', 'bias')])
     rows.append((name, trainable, affine))
   total_trainable = sum(r[1] for r in rows)
   total_affine = sum(r[2] for r in rows)
   width = max(len('module'), *(len(r[0]) for r in rows))
-  lines = [f'{"module":<{width}}  {"trainable":>12}  {"FrozenBN affine":>15}  {"total":>12}']
+  second = 'frozen (CLIP)' if frozen_clip else 'FrozenBN affine'
+  lines = [f'{"module":<{width}}  {"trainable":>12}  {second:>15}  {"total":>12}']
   for name, trainable, affine in rows:
     lines.append(f'{name:<{width}}  {trainable:>12,}  {affine:>15,}  {trainable + affine:>12,}')
   lines.append(f'{"(all)":<{width}}  {total_trainable:>12,}  {total_affine:>15,}  '
                f'{total_trainable + total_affine:>12,}')
   lines.append(f'total params: {total_trainable + total_affine}')
-  lines.append(f'trainable params only (without FrozenBN scale+bias): {total_trainable}')
+  without = 'the frozen CLIP' if frozen_clip else 'FrozenBN scale+bias'
+  lines.append(f'trainable params only (without {without}): {total_trainable}')
   return '\n'.join(lines), total_trainable + total_affine, total_trainable
