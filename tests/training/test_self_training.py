@@ -41,12 +41,14 @@ def test_pseudo_labels_by_hand():
 
 
 @pytest.mark.slow
-def test_self_training_run_through_main(tmp_path, smoke_resources, compile_cache):
-  """A SPNet-FPN source on a world whose training images hold unseen objects (ignored), then
-  a self-training run from it: pseudo-labelled data, more classes, evaluation as usual."""
+@pytest.mark.parametrize('method', ['spnet_fpn', 'zegclip'])
+def test_self_training_run_through_main(tmp_path, smoke_resources, compile_cache, method):
+  """A source (SPNet-FPN; ZegCLIP, whose transductive mode this is) on a world whose training
+  images hold unseen objects (ignored), then a self-training run from it: pseudo-labelled
+  data, more classes, evaluation as usual."""
   data = str(tmp_path / 'data')
   world.generate(data, seed=0, num_train=64, num_val=16, unseen_in_train='ignored')
-  config = 'configs/shapesworld.py:spnet_fpn,smoke'
+  config = f'configs/shapesworld.py:{method},smoke'
 
   def args(workdir, *overrides, mode='train_and_eval'):
     a = cli_runs.main_args(workdir, smoke_resources, f'--config.dataset.data_dir={data}',
