@@ -163,6 +163,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.fusion_lambda = 2.0 / 3.0          # Eq. 3 lambda
   c.eval.clip_style = 'cropmask'            # 'crop' | 'mask' | 'cropmask'
   c.eval.clip_top_k = 0                     # 0: all queries go through the image branch
+  # The image branch: 'crops' (the paper's: CLIP on each segment's sub-image) or
+  # 'one_pass' (one CLIP pass per image, a mask query per segment; modeling/one_pass.py) at
+  # a short side of one_pass_size pixels (0: the model's input as it is); its queries see
+  # only their segment from layer one_pass_mask_from on (0: every layer).
+  c.eval.image_branch = 'crops'
+  c.eval.one_pass_size = 0
+  c.eval.one_pass_mask_from = 0
   c.eval.max_images = 0                     # 0: the whole split
   # 'gzs3' (all classes of dataset.eval_split), 'zs3' (the unseen classes only, on
   # dataset.zs3_split), or both: 'gzs3,zs3' (metrics_<variant>_zs3.json).

@@ -139,6 +139,9 @@ def get_config(arg=None):
   # size and the largest training size, each also flipped, per-pixel scores averaged.
   c.eval.aug_min_sizes = (64, 80)
   c.eval.aug_flip = True
+  # --config.eval.image_branch=one_pass reads the scene at 128 px: the miniature CLIP was
+  # trained on 32-px crops of one object (4 x 4 patches); at 64 px a thing covers 2-3.
+  c.eval.one_pass_size = 128
 
   # The pixel-level baselines: the same backbone, FPN, data, text embeddings, optimiser,
   # schedule and test views; their own head and per-pixel cross-entropy.

@@ -85,7 +85,7 @@ def resize_position_table(table: np.ndarray, rows: int) -> np.ndarray:
                                                xp=np), table.dtype)
 
 
-class _VisionEmbeddings(nn.Module):
+class VisionEmbeddings(nn.Module):
   """transformers' FlaxCLIPVisionEmbeddings' parameters, with resized positions.
 
   class_embedding_twice: the [CLS] token gets class_embedding + position 0 +
@@ -150,7 +150,7 @@ class PromptedCLIPVisionEncoder(nn.Module):
     prompt_depth: layers 0 .. prompt_depth-1 receive prompts (ZegCLIP: all 12).
     out_indices: layers whose raw output patch tokens are also returned (0-based).
     prompt_dropout: dropout on the projected prompts (ZegCLIP: 0.1).
-    class_embedding_twice: ZegCLIP's [CLS] input (`_VisionEmbeddings`); False is CLIP's.
+    class_embedding_twice: ZegCLIP's [CLS] input (`VisionEmbeddings`); False is CLIP's.
     input_resolution: the image side the position table is made for (0: CLIP's own
       image_size). ZegCLIP keeps a 512-px table (1 + 32 x 32 rows), CLIP's resized once
       when the weights load (`resize_position_table`), and resizes it again to the grid of
@@ -183,7 +183,7 @@ class PromptedCLIPVisionEncoder(nn.Module):
     if any(not 0 <= i < num_layers for i in self.out_indices):
       raise ValueError(f'out_indices {tuple(self.out_indices)}: CLIP has {num_layers} layers')
     d, n = cfg.hidden_size, self.num_prompts
-    x, (h, w) = _VisionEmbeddings(cfg, self.class_embedding_twice, self.input_resolution,
+    x, (h, w) = VisionEmbeddings(cfg, self.class_embedding_twice, self.input_resolution,
                                   self.dtype, name='embeddings')(images.astype(self.dtype))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
     prompted = bool(n and self.prompt_depth)

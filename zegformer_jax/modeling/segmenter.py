@@ -20,6 +20,7 @@ import numpy as np
 from zegformer_jax.modeling import clip
 from zegformer_jax.modeling import inference
 from zegformer_jax.modeling import methods
+from zegformer_jax.modeling import one_pass
 from zegformer_jax.modeling import per_pixel
 from zegformer_jax.modeling import preprocess
 from zegformer_jax.modeling import tta
@@ -59,8 +60,11 @@ def variant_probabilities(variants, pred_logits, mask_logits_full, clip_inputs, 
     clip_inputs: None when variants is only 'seg'; else dict(image=[B, Hp, Wp, 3]
       CLIP-normalised image, embed=fn(images [N, S, S, 3]) -> [N, D] normalised CLIP image
       embeddings, size=S (the CLIP image size: 224 for ViT-B/16),
-      text=[K, D] CLIP text embeddings (image-branch prompt set), scale=CLIP logit scale).
-    eval_cfg: config.eval (clip_style, clip_top_k, fusion_lambda).
+      text=[K, D] CLIP text embeddings (image-branch prompt set), scale=CLIP logit scale,
+      segments=fn(image, masks [B, k, Hp, Wp]) -> [B, k, D] (the one-pass branch)).
+    eval_cfg: config.eval (clip_style, clip_top_k, fusion_lambda, image_branch: 'crops' runs
+      CLIP on each segment's sub-image, 'one_pass' once per image with a mask query per
+      segment, modeling/one_pass.py).
     seen_mask: [K] bool.
   """
   p_seg = inference.segment_probs(pred_logits)
@@ -74,9 +78,12 @@ def variant_probabilities(variants, pred_logits, mask_logits_full, clip_inputs, 
   # in the paper); the others keep their segmentation-branch probabilities.
   _, top = jax.lax.top_k(jnp.max(p_seg, axis=-1), k)                       # [B, k]
   masks_k = jnp.take_along_axis(mask_logits_full, top[:, :, None, None], axis=1)
-  sub = inference.subimages(clip_inputs['image'], masks_k, eval_cfg.clip_style,
-                            out_size=clip_inputs['size'])
-  emb = clip_inputs['embed'](sub.reshape((b * k,) + sub.shape[2:])).reshape(b, k, -1)
+  if image_branch_kind(eval_cfg) == 'one_pass':
+    emb = clip_inputs['segments'](clip_inputs['image'], masks_k)
+  else:
+    sub = inference.subimages(clip_inputs['image'], masks_k, eval_cfg.clip_style,
+                              out_size=clip_inputs['size'])
+    emb = clip_inputs['embed'](sub.reshape((b * k,) + sub.shape[2:])).reshape(b, k, -1)
   clip_logits = clip_inputs['scale'] * jnp.einsum('bqd,kd->bqk', emb, clip_inputs['text'])
   no_object = jnp.take_along_axis(pred_logits[..., -1], top, axis=1)
   p_img_k = inference.image_branch_probs(clip_logits, no_object)          # [B, k, K]
@@ -87,6 +94,17 @@ def variant_probabilities(variants, pred_logits, mask_logits_full, clip_inputs, 
                                                       eval_cfg.fusion_lambda)
     out[v] = p_seg.at[batch_idx, top].set(new_k)
   return out
+
+
+IMAGE_BRANCHES = ('crops', 'one_pass')
+
+
+def image_branch_kind(eval_cfg) -> str:
+  """config.eval.image_branch, checked ('crops' when a config predates the key)."""
+  branch = eval_cfg.get('image_branch', 'crops')
+  if branch not in IMAGE_BRANCHES:
+    raise ValueError(f'config.eval.image_branch must be one of {IMAGE_BRANCHES}, got {branch!r}')
+  return branch
 
 
 def make_segment_fn(config, model, variant, label_hw_static, clip_model=None,
@@ -125,6 +143,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   variants = check_variants(variants, config.model)
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
+  image_branch_kind(eval_cfg)   # an unknown branch is an error before anything is compiled
   pixel_level = methods.is_pixel_method(config.model)
   one_stage = methods.method_name(config.model) == 'zegclip'
   if with_masks and not methods.has_segments(config.model):
@@ -152,6 +171,9 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
           image=preprocess.normalize(image, clip.CLIP_PIXEL_MEAN, clip.CLIP_PIXEL_STD,
                                      image_hw),
           embed=lambda x: clip.image_embeddings(clip_model, x, params=clip_params),
+          segments=lambda x, masks: one_pass.segment_embeddings(
+              clip_model, clip_params, x, masks, int(eval_cfg.get('one_pass_size', 0)),
+              int(eval_cfg.get('one_pass_mask_from', 0))),
           text=clip_text, scale=clip.clip_logit_scale(clip_params),
           size=clip_model.config.vision_config.image_size)
     probs = variant_probabilities(variants, pred_logits, mask_logits, clip_inputs, eval_cfg,

@@ -141,7 +141,7 @@ class ZegCLIP(nn.Module):
     projection_dim: CLIP's joint width E.
     num_prompts, prompt_depth, prompt_dropout: the encoder's deep prompts.
     num_layers, num_heads, ffn_dim, dropout: the head.
-    class_embedding_twice: ZegCLIP's [CLS] input (prompted_vit._VisionEmbeddings).
+    class_embedding_twice: ZegCLIP's [CLS] input (prompted_vit.VisionEmbeddings).
     input_resolution: the side of the images the position table is kept for (ZegCLIP: 512;
       0: CLIP's own); `with_clip_weights` resizes CLIP's table to it.
 

@@ -1,0 +1,174 @@
+"""ZegFormer's image branch in one CLIP pass (eval.image_branch = 'one_pass'; MAFT's idea,
+Jiao et al. NeurIPS 2023, with CLIP's own weights and no fine-tuning).
+
+The default image branch ('crops', the paper's and the official code's) runs CLIP's image
+encoder once per segment on a masked crop: up to 100 ViT passes per image. Here the image
+goes through CLIP's ViT once, at its own resolution, with one extra token per segment (a
+*mask query*): it starts as CLIP's [CLS] input and, in every layer, attends only to itself
+and to the patch tokens its mask covers. The [CLS] and patch tokens attend to each other
+as in plain CLIP and never to the queries, so they are exactly CLIP's; the queries read
+them. Each query's output, through CLIP's post-LayerNorm and visual projection, is that
+segment's CLIP image embedding (what a masked crop gives in the crop branch), classified
+against the text and fused by Eq. 3 the same way.
+
+Shapes: B images, Q segments, P = h x w patches, D CLIP width, E = projection_dim.
+The parameters are transformers' FlaxCLIPVisionTransformer's under its names (and
+FlaxCLIPModel's visual_projection), so `prompted_vit.clip_params(clip_model.params)` is
+used as it is; each layer is transformers' FlaxCLIPMLP and LayerNorms around an attention
+that takes the mask (FlaxCLIPAttention only takes a padding or causal mask).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from zegformer_jax.modeling import prompted_vit
+
+
+def patch_masks(mask_logits, grid, threshold: float = 0.5):
+  """[B, Q, P] bool: the patches a segment's mask covers.
+
+  mask_logits: [B, Q, H, W] at the image's (padded) size; grid: (h, w) patch grid of the
+  CLIP pass. The mask probability is averaged over each patch (area resize) and kept where
+  it exceeds `threshold`; a segment whose mask covers no patch keeps its most probable one,
+  so every query reads at least one patch.
+  """
+  b, q = mask_logits.shape[:2]
+  prob = jax.image.resize(jax.nn.sigmoid(mask_logits.astype(jnp.float32)),
+                          (b, q) + tuple(grid), 'linear', antialias=True)
+  prob = prob.reshape(b, q, -1)
+  return (prob > threshold) | (prob >= jnp.max(prob, axis=-1, keepdims=True))
+
+
+def attention_mask(covered, num_prefix: int):
+  """[B, T, T] bool (True: may attend) over tokens [prefix ([CLS]), P patches, Q queries].
+
+  covered: [B, Q, P]. Prefix and patch tokens attend to prefix and patch tokens only;
+  query i attends to itself and to the patches it covers.
+  """
+  b, q, p = covered.shape
+  t = num_prefix + p + q
+  image_rows = jnp.broadcast_to(jnp.arange(t) < num_prefix + p, (b, num_prefix + p, t))
+  query_rows = jnp.concatenate([jnp.zeros((b, q, num_prefix), bool), covered,
+                                jnp.broadcast_to(jnp.eye(q, dtype=bool), (b, q, q))], axis=-1)
+  return jnp.concatenate([image_rows, query_rows], axis=1)
+
+
+class _MaskedSelfAttention(nn.Module):
+  """Multi-head self-attention with a [B, T, T] mask, FlaxCLIPAttention's parameter names."""
+  config: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    d, heads = self.config.hidden_size, self.config.num_attention_heads
+    hd = d // heads
+    dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
+    split = lambda y: y.reshape(y.shape[:2] + (heads, hd))
+    q, k, v = (split(dense(n)(x)) for n in ('q_proj', 'k_proj', 'v_proj'))
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * hd ** -0.5
+    logits = jnp.where(mask[:, None], logits, jnp.finfo(logits.dtype).min)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x.shape)
+    return dense('out_proj')(out)
+
+
+class _MaskedEncoderLayer(nn.Module):
+  """FlaxCLIPEncoderLayer's computation and parameters, the attention masked."""
+  config: Any
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask):
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPMLP
+    eps = self.config.layer_norm_eps
+    x = x + _MaskedSelfAttention(self.config, self.dtype, name='self_attn')(
+        nn.LayerNorm(epsilon=eps, dtype=self.dtype, name='layer_norm1')(x), mask)
+    return x + FlaxCLIPMLP(self.config, dtype=self.dtype, name='mlp')(
+        nn.LayerNorm(epsilon=eps, dtype=self.dtype, name='layer_norm2')(x))
+
+
+class _Layers(nn.Module):
+  config: Any
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.layers = [_MaskedEncoderLayer(self.config, self.dtype, name=str(i))
+                   for i in range(self.config.num_hidden_layers)]
+
+  def __call__(self, x, masks):
+    for layer, mask in zip(self.layers, masks):
+      x = layer(x, mask)
+    return x
+
+
+class _Encoder(nn.Module):
+  config: Any
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.layers = _Layers(self.config, self.dtype)
+
+  def __call__(self, x, masks):
+    return self.layers(x, masks)
+
+
+class MaskQueryCLIP(nn.Module):
+  """CLIP's image encoder with one mask query per segment: segment embeddings in one pass.
+
+  Attributes:
+    config: the transformers CLIPVisionConfig of the loaded CLIP.
+    projection_dim: E, the width of CLIP's joint space.
+    mask_from: the first layer whose queries see only their segment's patches; before it
+      they see every patch, like [CLS] (0: masked in every layer).
+  """
+  config: Any
+  projection_dim: int
+  mask_from: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, mask_logits):
+    """images: [B, H, W, 3] CLIP-normalised, H and W multiples of the patch size;
+    mask_logits: [B, Q, Hm, Wm] segment mask logits over the same image (any size).
+
+    Returns [B, Q, E] L2-normalised segment embeddings.
+    """
+    cfg = self.config
+    x, grid = prompted_vit.VisionEmbeddings(cfg, dtype=self.dtype, name='embeddings')(
+        images.astype(self.dtype))
+    b, q = mask_logits.shape[:2]
+    # Every query starts as the [CLS] input (class embedding + position 0).
+    queries = jnp.broadcast_to(x[:, :1], (b, q, x.shape[-1]))
+    x = jnp.concatenate([x, queries], axis=1)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
+    covered = patch_masks(mask_logits, grid)
+    masked = attention_mask(covered, num_prefix=1)
+    open_ = attention_mask(jnp.ones_like(covered), num_prefix=1)
+    masks = [open_ if i < self.mask_from else masked for i in range(cfg.num_hidden_layers)]
+    x = _Encoder(cfg, self.dtype, name='encoder')(x, masks)[:, -q:]
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='post_layernorm')(x)
+    x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                 name='visual_projection')(x).astype(jnp.float32)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def segment_embeddings(clip_model, clip_params, images, mask_logits, size: int = 0,
+                       mask_from: int = 0):
+  """[B, Q, E] CLIP embeddings of Q segments per image in one ViT pass (`MaskQueryCLIP`).
+
+  clip_model: the FlaxCLIPModel (its config); clip_params: its params. images: [B, H, W, 3]
+  CLIP-normalised; mask_logits: [B, Q, H, W]. size: the short side the image is resized to
+  for the pass (rounded to the patch grid; 0: as it is, rounded down to the grid).
+  mask_from: MaskQueryCLIP.mask_from.
+  """
+  cfg = clip_model.config.vision_config
+  p = cfg.patch_size
+  b, h, w, _ = images.shape
+  scale = size / min(h, w) if size else 1.0
+  gh, gw = max(int(round(h * scale)) // p, 1), max(int(round(w * scale)) // p, 1)
+  if (gh * p, gw * p) != (h, w):
+    images = jax.image.resize(images, (b, gh * p, gw * p, 3), 'linear', antialias=True)
+  model = MaskQueryCLIP(cfg, clip_model.config.projection_dim, mask_from, dtype=images.dtype)
+  return model.apply({'params': prompted_vit.clip_params(clip_params)}, images, mask_logits)
