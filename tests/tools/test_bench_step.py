@@ -33,8 +33,31 @@ def test_synthetic_batches_are_consistent_targets():
 
 
 @pytest.mark.slow
-def test_measure_runs_the_train_step():
+def test_measure_runs_the_train_step_on_a_fixed_batch(tmp_path):
+  """The step runs; XLA's FLOP count and the MFU are reported; a saved batch read back
+  gives the same losses (same weights: the config's seed)."""
   config = shapesworld.get_config('smoke')
-  result = bench_step.measure(config, num_classes=26, steps=2, warmup=1)
-  assert result['step_ms'] > 0 and result['first_step_s'] > 0
-  assert np.isfinite(result['final_loss']) and result['final_loss'] > 0
+  path = str(tmp_path / 'batch.npz')
+  a = bench_step.measure(config, num_classes=26, steps=2, warmup=0, save_batch=path,
+                         peak_tflops=1.0)
+  assert a['step_ms_min'] <= a['step_ms'] <= a['step_ms_max'] and a['first_step_s'] > 0
+  assert np.isfinite(a['final_loss']) and a['final_loss'] > 0
+  assert a['flops_per_step'] > 1e8                # ~1.8 GFLOP for the smoke model
+  assert a['mfu'] == pytest.approx(a['flops_per_step'] / (a['step_ms'] / 1e3) / 1e12, rel=2e-2)
+  b = bench_step.measure(config, num_classes=26, steps=2, warmup=0, batch_file=path)
+  c = bench_step.measure(config, num_classes=26, steps=2, warmup=0, batch_file=path)
+  assert b['final_loss'] == c['final_loss']
+  assert a['images_per_s'] == pytest.approx(8 / (a['step_ms'] / 1e3), rel=1e-2)
+
+
+def test_load_batch_names_what_is_wrong(tmp_path):
+  config = shapesworld.get_config('smoke')
+  path = str(tmp_path / 'b.npz')
+  np.savez(path, image=np.zeros((2, 64, 64, 3), np.float32))
+  with pytest.raises(ValueError, match=r"b.npz: no \['label', 'target_classes', 'target_valid'\]"):
+    bench_step.load_batch(path, config)
+  np.savez(path, image=np.zeros((2, 64, 64, 3), np.float32), label=np.zeros((2, 64, 64)),
+           target_classes=np.zeros((2, 5)), target_valid=np.zeros((2, 5)))
+  with pytest.raises(ValueError,
+                     match=r"image \(2, 64, 64, 3\), the config wants \(8, 64, 64, 3\)"):
+    bench_step.load_batch(path, config)

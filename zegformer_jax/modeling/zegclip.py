@@ -13,13 +13,13 @@ Shapes: B images, C classes, h x w patch grid, E = CLIP's joint width (512 for V
 """
 from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from zegformer_jax.modeling import prompted_vit
-from zegformer_jax.weights import store
 
 
 def relationship_descriptor(text, image_global):
@@ -237,8 +237,11 @@ def with_clip_weights(frozen, clip_model_params):
   of a FlaxCLIPModel (e.g. load_clip(openai/clip-vit-base-patch16)); names and shapes
   checked, every weight of the encoder covered. CLIP's position table is resized to the
   model's input_resolution first (ZegCLIP's init_weights: 14 x 14 -> 32 x 32)."""
+  flat_shapes = lambda tree: {k: tuple(v.shape)
+                               for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  name = lambda path: '/'.join(('image_encoder',) + path)
   clip_tree = prompted_vit.clip_params(clip_model_params)
-  want = store.flat_shapes(frozen['image_encoder'])
+  want = flat_shapes(frozen['image_encoder'])
   if POSITION_TABLE in want:
     table = np.asarray(clip_tree['embeddings']['position_embedding']['embedding'])
     rows = want[POSITION_TABLE][0]
@@ -246,15 +249,14 @@ def with_clip_weights(frozen, clip_model_params):
       clip_tree = dict(clip_tree, embeddings=dict(
           clip_tree['embeddings'], position_embedding={
               'embedding': prompted_vit.resize_position_table(table, rows)}))
-  got = store.flat_shapes(clip_tree)
+  got = flat_shapes(clip_tree)
   for path, shape in got.items():
-    name = store.path_str(('image_encoder',) + path)
     if path not in want:
-      raise ValueError(f'CLIP weight {name} has no place in the model')
+      raise ValueError(f'CLIP weight {name(path)} has no place in the model')
     if want[path] != shape:
-      raise ValueError(f'CLIP weight {name} has shape {shape}, the model wants '
+      raise ValueError(f'CLIP weight {name(path)} has shape {shape}, the model wants '
                        f'{want[path]}: another CLIP architecture?')
-  missing = sorted(store.path_str(('image_encoder',) + p) for p in want if p not in got)
+  missing = sorted(name(p) for p in want if p not in got)
   if missing:
     raise ValueError(f'the CLIP weights do not cover the image encoder: no {missing[:3]}')
   return dict(frozen, image_encoder=clip_tree)

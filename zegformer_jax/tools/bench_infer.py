@@ -1,7 +1,8 @@
 r"""Inference time per image of a config's model at its test setting, from random weights.
 
   python -m zegformer_jax.tools.bench_infer --config configs/coco_stuff_zegclip_vitb16.py \
-      [--config.key=value ...] [--size 512] [--num_classes 171] [--images 3] [--warmup 1]
+      [--config.key=value ...] [--size 512] [--num_classes 171] [--images 3] [--warmup 1] \
+      [--peak_tflops 989] [--output R.jsonl]
 
 What evaluation runs for one image (segmenter.make_scores_fn: normalisation, the model,
 every variant of config.eval.variant, sliding windows and test views as configured, the
@@ -10,8 +11,9 @@ resize to the label and Eq. 2), jitted, on a random `size` x `size` image, with
 are random initialisations of the config's shapes, CLIP's included (a ViT-B/16-shaped
 FlaxCLIPModel for ZegFormer's image branch; ZegCLIP's frozen tower is its own), so nothing
 is read from disk and any two configs compare at the recipe's sizes. The first (compiling)
-call is reported apart; the time is the median over `images` calls after `warmup` more.
-It prints one JSON line.
+call is reported apart; the time is the median over `images` calls after `warmup` more,
+with its range, images/s, the compiled program's FLOPs (XLA's count) and, given the
+device's peak, the MFU (benchmarking.py). It prints one JSON line.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from zegformer_jax import cli
+from zegformer_jax.tools import benchmarking
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +42,8 @@ def define_flags():
   flags.DEFINE_integer('num_seen', 156, 'The first num_seen classes are seen (Eq. 2).')
   flags.DEFINE_integer('images', 3, 'Timed calls (one image each).')
   flags.DEFINE_integer('warmup', 1, 'Untimed calls after the first (compiling) one.')
+  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU (0: not reported).')
+  flags.DEFINE_string('output', None, 'Also append the JSON line to this file.')
 
 
 def random_clip_model(seed: int = 0):
@@ -49,8 +54,10 @@ def random_clip_model(seed: int = 0):
 
 
 def measure(config, size: int, num_classes: int, num_seen: int, images: int,
-            warmup: int) -> dict:
-  """{'first_s', 'per_image_s' (median), 'per_image_all_s', 'variants', 'views'}."""
+            warmup: int, peak_tflops: float = 0.0) -> dict:
+  """{'compile_s', 'first_s', 'per_image_s' (median), 'per_image_all_s', per-image ms
+  median/min/max, 'images_per_s', 'flops_per_image', 'tflops_per_s', 'mfu', 'variants',
+  'views'}."""
   import jax
   import jax.numpy as jnp
   from zegformer_jax.modeling import methods
@@ -87,11 +94,14 @@ def measure(config, size: int, num_classes: int, num_seen: int, images: int,
   image = rng.uniform(0, 255, (1, padded, padded, 3)).astype(np.float32)
   batch['image'] = jnp.asarray(image)
 
-  def run():
-    out = scores(variables['params'], variables['frozen'], batch, text, seen, clip_params,
-                 clip_text)
-    jax.block_until_ready(out)
+  args = (variables['params'], variables['frozen'], batch, text, seen, clip_params, clip_text)
 
+  def run():
+    jax.block_until_ready(scores(*args))
+
+  t = time.perf_counter()
+  flops = benchmarking.compiled_flops(scores.lower(*args).compile())
+  compile_s = time.perf_counter() - t
   t = time.perf_counter()
   run()
   first = time.perf_counter() - t
@@ -102,8 +112,13 @@ def measure(config, size: int, num_classes: int, num_seen: int, images: int,
     t = time.perf_counter()
     run()
     times.append(time.perf_counter() - t)
-  return {'first_s': round(first, 2), 'per_image_s': round(statistics.median(times), 3),
-          'per_image_all_s': [round(x, 3) for x in times], 'variants': list(variants),
+  median = statistics.median(times)
+  return {'compile_s': round(compile_s, 2), 'first_s': round(first, 2),
+          'per_image_s': round(median, 3), 'per_image_all_s': [round(x, 3) for x in times],
+          **benchmarking.time_stats(times, 'per_image_ms'),
+          'images_per_s': round(1 / median, 3), 'flops_per_image': flops,
+          **benchmarking.throughput(flops, median, peak_tflops), 'variants': list(variants),
+          'image_branch': str(config.eval.get('image_branch', 'crops')),
           'views': len(tta.views(config.eval, config.input)) if view_shapes else 1}
 
 
@@ -111,10 +126,17 @@ def main(argv) -> None:
   del argv
   config = FLAGS.config
   result = measure(config, FLAGS.size, FLAGS.num_classes, FLAGS.num_seen, FLAGS.images,
-                   FLAGS.warmup)
-  print(json.dumps(dict(config=config_flags.get_config_filename(FLAGS['config']),
-                        method=config.model.name, size=FLAGS.size,
-                        num_classes=FLAGS.num_classes, **result)))
+                   FLAGS.warmup, FLAGS.peak_tflops)
+  import jax
+  line = json.dumps(dict(tool='bench_infer',
+                         config=config_flags.get_config_filename(FLAGS['config']),
+                         device=jax.devices()[0].device_kind, dtype=config.model.dtype,
+                         method=config.model.name, size=FLAGS.size,
+                         num_classes=FLAGS.num_classes, **result))
+  print(line)
+  if FLAGS.output:
+    with open(FLAGS.output, 'a') as f:
+      f.write(line + '\n')
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 r"""Time of one training step of a config's model, on synthetic batches.
 
   python -m zegformer_jax.tools.bench_step [--config configs/shapesworld.py[:arg]] \
-      [--config.key=value ...] [--steps 150] [--warmup 5] [--num_classes 26]
+      [--config.key=value ...] [--steps 150] [--warmup 5] [--num_classes 26] \
+      [--batch_file B.npz | --save_batch B.npz] [--peak_tflops 989] [--output R.jsonl]
 
 The step is the one training runs (train.make_train_step: forward, Hungarian matching on the
 host or on device as config.loss.matcher says, the set losses, AdamW), on the config's
@@ -9,6 +10,13 @@ global batch at its crop size, from a random initialisation. Batches are synthet
 image holds a random number of regions (1 to input.max_masks) of distinct random classes, so
 matching and losses see real target masks; the text embeddings are random unit vectors.
 Nothing is read from disk.
+
+Each step is timed to completion: the median and the range are reported, with images/s,
+the compiled step's FLOPs (XLA's count; benchmarking.py) and, given the device's peak
+(`--peak_tflops`), the MFU. `--config.model.dtype=bfloat16` measures bfloat16. A fixed
+batch (`--batch_file`, an .npz with image, label, target_classes and target_valid, e.g.
+written by `--save_batch`) and fixed weights (`--config.train.init_from=DIR`, a weights
+store) make two runs or two machines see the same work.
 
 It doubles as a speed probe of the machine: ShapesWorld demo times are only comparable at
 the same step time (BENCHMARKS.md gives the figure next to each demo run).
@@ -23,6 +31,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from zegformer_jax import cli
+from zegformer_jax.tools import benchmarking
 
 FLAGS = flags.FLAGS
 
@@ -32,6 +41,10 @@ def define_flags():
   flags.DEFINE_integer('steps', 150, 'Timed steps.')
   flags.DEFINE_integer('warmup', 5, 'Untimed steps after the first (compiling) one.')
   flags.DEFINE_integer('num_classes', 26, 'Training classes (ShapesWorld default split: 26).')
+  flags.DEFINE_string('batch_file', None, 'A fixed batch (.npz) used for every step.')
+  flags.DEFINE_string('save_batch', None, 'Write the first synthetic batch to this .npz.')
+  flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU (0: not reported).')
+  flags.DEFINE_string('output', None, 'Also append the JSON line to this file.')
 
 
 def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
@@ -57,8 +70,26 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
   return batches
 
 
-def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
-  """{'first_step_s' (compilation included), 'step_ms', 'final_loss'}."""
+BATCH_KEYS = ('image', 'label', 'target_classes', 'target_valid')
+
+
+def load_batch(path: str, config) -> dict:
+  """A fixed batch from an .npz, checked against the config's batch and crop."""
+  with np.load(path, allow_pickle=False) as z:
+    missing = [k for k in BATCH_KEYS if k not in z.files]
+    if missing:
+      raise ValueError(f'{path}: no {missing} (a batch holds {BATCH_KEYS})')
+    batch = {k: z[k] for k in BATCH_KEYS}
+  want = (config.input.global_batch_size, config.input.crop_size, config.input.crop_size, 3)
+  if batch['image'].shape != want:
+    raise ValueError(f'{path}: image {batch["image"].shape}, the config wants {want}')
+  return batch
+
+
+def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str = None,
+            save_batch: str = None, peak_tflops: float = 0.0) -> dict:
+  """{'compile_s', 'first_step_s', 'step_ms' (median), its median/min/max,
+  'images_per_s', 'flops_per_step', 'tflops_per_s', 'mfu', 'final_loss'}."""
   import jax
   from zegformer_jax.modeling import methods
   from zegformer_jax.training import sharding
@@ -70,36 +101,60 @@ def measure(config, num_classes: int, steps: int, warmup: int) -> dict:
   optimizer_fn = state_lib.make_optimizer_fn(config, max(steps, 1))
   state, state_sharding = state_lib.create_train_state(
       config, model, optimizer_fn, num_classes, mesh, jax.random.key(config.seed))
+  if config.train.init_from:   # fixed weights; otherwise the random initialisation
+    state = state_lib.init_from(config.train.init_from, state)
   step = train.make_train_step(config, model, optimizer_fn(state['params']), mesh,
                                state_sharding)
   rng = np.random.default_rng(1)
   text = rng.normal(size=(num_classes, config.model.embed_dim)).astype(np.float32)
   text = sharding.replicate(text / np.linalg.norm(text, axis=1, keepdims=True), mesh)
   dropout = sharding.replicate(jax.random.key_data(jax.random.key(2)), mesh)
-  batches = synthetic_batches(config, num_classes, 16)
-  t = time.time()
+  if batch_file:
+    batches = [load_batch(batch_file, config)]
+  else:
+    batches = synthetic_batches(config, num_classes, 16)
+  if save_batch:
+    np.savez(save_batch, **batches[0])
+  t = time.perf_counter()
+  flops = benchmarking.compiled_flops(step.lower(state, batches[0], text, dropout).compile())
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
   state, metrics = step(state, batches[0], text, dropout)
   jax.block_until_ready(metrics)
-  first = time.time() - t
+  first = time.perf_counter() - t
   for i in range(warmup):
     state, metrics = step(state, batches[i % len(batches)], text, dropout)
   jax.block_until_ready(metrics)
-  t = time.time()
-  for i in range(steps):
+  times = []
+  for i in range(max(steps, 1)):
+    t = time.perf_counter()
     state, metrics = step(state, batches[i % len(batches)], text, dropout)
-  jax.block_until_ready(metrics)
-  return {'first_step_s': round(first, 2),
-          'step_ms': round((time.time() - t) / max(steps, 1) * 1e3, 2),
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  median = float(np.median(times))
+  return {'compile_s': round(compile_s, 2), 'first_step_s': round(first, 2),
+          'step_ms': round(median * 1e3, 2),
+          **benchmarking.time_stats(times, 'step_ms'),
+          'images_per_s': round(config.input.global_batch_size / median, 3),
+          'flops_per_step': flops, **benchmarking.throughput(flops, median, peak_tflops),
           'final_loss': float(metrics['loss'])}
 
 
 def main(argv) -> None:
   del argv
   config = FLAGS.config
-  result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup)
-  print(json.dumps(dict(config=config_flags.get_config_filename(FLAGS['config']),
-                        batch=config.input.global_batch_size, crop=config.input.crop_size,
-                        **result)))
+  result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup, FLAGS.batch_file,
+                   FLAGS.save_batch, FLAGS.peak_tflops)
+  import jax
+  line = json.dumps(dict(tool='bench_step',
+                         config=config_flags.get_config_filename(FLAGS['config']),
+                         device=jax.devices()[0].device_kind, dtype=config.model.dtype,
+                         batch=config.input.global_batch_size, crop=config.input.crop_size,
+                         **result))
+  print(line)
+  if FLAGS.output:
+    with open(FLAGS.output, 'a') as f:
+      f.write(line + '\n')
 
 
 if __name__ == '__main__':
