@@ -47,6 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.input.max_size_test = 2560
   c.input.size_divisibility = 32
   c.input.max_masks = 32             # target masks per image, padded (static shapes)
+  # Each batch's targets are cut to the smallest of these slot counts (or max_masks) that
+  # holds them: the mask losses run over every slot, so a batch of 4-5 segments per image
+  # costs 8 slots, not max_masks. One compiled train step per size used; () = max_masks.
+  c.input.target_buckets = (8, 16, 32, 64)
   c.input.color_aug_ssd = True
   c.input.num_workers = 0            # grain worker processes (0: in the main process)
   c.input.shuffle_seed = 0

@@ -9,6 +9,7 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -179,3 +180,46 @@ def test_freeze_at_leaves_the_frozen_stages_untouched_in_training(tmp_path, smok
   print('largest change of each backbone module between steps 1 and 2:', moved)
   assert moved['stem'] == 0.0 and moved['res2_0'] == 0.0
   assert moved['res3_0'] > 0.0 and moved['res5_0'] > 0.0
+
+
+def test_target_slots_and_trim_keep_every_target_and_the_loss():
+  """A batch of 1-5 targets per image in 64 slots is cut to the 8-slot bucket: the same
+  targets, the same loss and gradient as with all 64 slots (padded slots add nothing)."""
+  import ml_collections
+  from zegformer_jax.data import input_pipeline
+  from zegformer_jax.modeling import criterion
+  assert [input_pipeline.target_slots(k, (8, 16, 32, 64), 64) for k in (0, 1, 8, 9, 33, 64)] \
+      == [8, 8, 8, 16, 64, 64]
+  assert input_pipeline.target_slots(4, (8, 16), 5) == 5      # buckets above max_masks: unused
+  assert input_pipeline.target_slots(3, (), 32) == 32
+  rng = np.random.default_rng(0)
+  b, h, w, q, k_cls = 2, 16, 16, 6, 7
+  label = rng.integers(0, k_cls, (b, h, w)).astype(np.int32)
+  classes = np.zeros((b, 64), np.int32)
+  valid = np.zeros((b, 64), bool)
+  for i in range(b):
+    ids = np.unique(label[i])
+    classes[i, :len(ids)], valid[i, :len(ids)] = ids, True
+  full = {'label': label, 'target_classes': classes, 'target_valid': valid}
+  config = ml_collections.ConfigDict({'input': {'target_buckets': (8, 16), 'max_masks': 64}})
+  cut = train.bucket_targets(full, config)
+  assert cut['target_classes'].shape == (b, 8) and cut['target_valid'].sum() == valid.sum()
+  outputs = {'pred_logits': jnp.asarray(rng.normal(size=(3, b, q, k_cls + 1)), jnp.float32),
+             'pred_masks': jnp.asarray(rng.normal(size=(3, b, q, h // 4, w // 4)), jnp.float32)}
+  loss_cfg = ml_collections.ConfigDict(dict(
+      class_weight=1.0, mask_weight=20.0, dice_weight=1.0, no_object_weight=0.1,
+      focal_alpha=0.25, focal_gamma=2.0, cost_class=1.0, cost_mask=20.0, cost_dice=1.0,
+      deep_supervision=True, matcher='host'))
+
+  def loss_of(batch, outs):
+    t = dict(batch, target_masks=criterion.masks_from_label(
+        batch['label'], batch['target_classes'], batch['target_valid']))
+    return criterion.compute_loss(outs, t, loss_cfg, None)[0]
+
+  full = {k: jnp.asarray(v) for k, v in full.items()}
+  cut = {k: jnp.asarray(v) for k, v in cut.items()}
+  a, ga = jax.value_and_grad(lambda o: loss_of(full, o))(outputs)
+  c, gc = jax.value_and_grad(lambda o: loss_of(cut, o))(outputs)
+  np.testing.assert_allclose(float(c), float(a), rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(gc), jax.tree.leaves(ga)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8)

@@ -343,3 +343,24 @@ def make_eval_batches(config, data_dir: str, split: str, process_index: int | No
   ds = grain.MapDataset.source(local.tolist()).map(_EvalTransform(source, config, shapes))
   ds = ds.batch(local_batch, drop_remainder=False)
   return EvalBatches(ds.to_iter_dataset(_read_options(config)), num_batches, shapes, local)
+
+
+def target_slots(max_targets: int, buckets, max_masks: int) -> int:
+  """How many target slots a batch needs: the smallest of `buckets` (and max_masks) that
+  holds `max_targets`, its largest image's number of targets; at most max_masks.
+
+  The train step is compiled once per slot count, so a few buckets bound the compiled
+  shapes while the mask losses, which run over every slot, cost what the targets need
+  rather than max_masks (the padded slots add nothing to any loss: they are masked out).
+  """
+  sizes = sorted({int(b) for b in buckets if 0 < int(b) < max_masks} | {int(max_masks)})
+  return next(b for b in sizes if b >= max_targets) if max_targets <= max_masks else max_masks
+
+
+def trim_targets(batch: dict, slots: int) -> dict:
+  """`batch` with its target arrays (target_classes, target_valid, target_masks: [B, M, ...])
+  cut to the first `slots` slots; the valid targets come first (augment.make_targets)."""
+  if np.any(batch['target_valid'][:, slots:]):
+    raise ValueError(f'trim_targets: a batch has valid targets beyond slot {slots}')
+  return {k: (v[:, :slots] if k in ('target_classes', 'target_valid', 'target_masks') else v)
+          for k, v in batch.items()}

@@ -41,16 +41,22 @@ def define_flags():
   flags.DEFINE_integer('steps', 150, 'Timed steps.')
   flags.DEFINE_integer('warmup', 5, 'Untimed steps after the first (compiling) one.')
   flags.DEFINE_integer('num_classes', 26, 'Training classes (ShapesWorld default split: 26).')
+  flags.DEFINE_list('regions', [], 'LO,HI: each synthetic image holds LO..HI regions '
+                    '(default 1..input.max_masks).')
   flags.DEFINE_string('batch_file', None, 'A fixed batch (.npz) used for every step.')
   flags.DEFINE_string('save_batch', None, 'Write the first synthetic batch to this .npz.')
   flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU (0: not reported).')
   flags.DEFINE_string('output', None, 'Also append the JSON line to this file.')
 
 
-def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
-  """n train batches {'image', 'label', 'target_classes', 'target_valid'} (numpy)."""
+def synthetic_batches(config, num_classes: int, n: int, seed: int = 0, regions=None) -> list:
+  """n train batches {'image', 'label', 'target_classes', 'target_valid'} (numpy), each
+  image with a number of regions drawn from `regions` = (lo, hi) (default 1..max_masks)."""
   rng = np.random.default_rng(seed)
   b, size, m = config.input.global_batch_size, config.input.crop_size, config.input.max_masks
+  lo, hi = regions or (1, m)
+  if not 1 <= lo <= hi <= min(m, num_classes):
+    raise ValueError(f'regions {lo},{hi}: need 1 <= lo <= hi <= min(max_masks, classes)')
   batches = []
   for _ in range(n):
     image = rng.uniform(0, 255, (b, size, size, 3)).astype(np.float32)
@@ -58,7 +64,7 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0) -> list:
     valid = np.zeros((b, m), bool)
     label = np.empty((b, size, size), np.int32)
     for i in range(b):
-      k = int(rng.integers(1, m + 1))
+      k = int(rng.integers(lo, hi + 1))
       classes[i, :k] = rng.choice(num_classes, k, replace=False)
       valid[i, :k] = True
       # k vertical bands, each of one class.
@@ -87,7 +93,7 @@ def load_batch(path: str, config) -> dict:
 
 
 def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str = None,
-            save_batch: str = None, peak_tflops: float = 0.0) -> dict:
+            save_batch: str = None, peak_tflops: float = 0.0, regions=None) -> dict:
   """{'compile_s', 'first_step_s', 'step_ms' (median), its median/min/max,
   'images_per_s', 'flops_per_step', 'tflops_per_s', 'mfu', 'final_loss'}."""
   import jax
@@ -112,9 +118,11 @@ def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str =
   if batch_file:
     batches = [load_batch(batch_file, config)]
   else:
-    batches = synthetic_batches(config, num_classes, 16)
+    batches = synthetic_batches(config, num_classes, 16, regions=regions)
   if save_batch:
     np.savez(save_batch, **batches[0])
+  # As training does: target slots cut to the batch's bucket (config.input.target_buckets).
+  batches = [train.bucket_targets(b, config) for b in batches]
   t = time.perf_counter()
   flops = benchmarking.compiled_flops(step.lower(state, batches[0], text, dropout).compile())
   compile_s = time.perf_counter() - t
@@ -143,10 +151,14 @@ def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str =
 def main(argv) -> None:
   del argv
   config = FLAGS.config
+  regions = tuple(int(x) for x in FLAGS.regions) if FLAGS.regions else None
+  if regions is not None and len(regions) != 2:
+    raise ValueError(f'--regions takes LO,HI; got {FLAGS.regions}')
   result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup, FLAGS.batch_file,
-                   FLAGS.save_batch, FLAGS.peak_tflops)
+                   FLAGS.save_batch, FLAGS.peak_tflops, regions)
   import jax
-  line = json.dumps(dict(tool='bench_step',
+  line = json.dumps(dict(tool='bench_step', regions=FLAGS.regions or None,
+                         target_buckets=list(config.input.get('target_buckets', ())),
                          config=config_flags.get_config_filename(FLAGS['config']),
                          device=jax.devices()[0].device_kind, dtype=config.model.dtype,
                          batch=config.input.global_batch_size, crop=config.input.crop_size,

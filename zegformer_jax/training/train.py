@@ -114,6 +114,21 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
 TRAIN_KEYS = ('image', 'label', 'target_classes', 'target_valid')
 
 
+def bucket_targets(batch: dict, config) -> dict:
+  """This process's batch with its target slots cut to the bucket the global batch needs
+  (config.input.target_buckets; input_pipeline.target_slots): every process agrees on it,
+  since they must run the same program."""
+  buckets = tuple(config.input.get('target_buckets', ()))
+  if not buckets:
+    return batch
+  most = int(batch['target_valid'].sum(axis=1).max(initial=0))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    most = int(np.max(multihost_utils.process_allgather(np.int32(most))))
+  slots = input_pipeline.target_slots(most, buckets, config.input.max_masks)
+  return input_pipeline.trim_targets(batch, slots)
+
+
 def train(config, workdir: str, evaluators=()) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the summary.
 
@@ -197,8 +212,8 @@ def _train(config, workdir: str, preemption: 'PreemptionWatch', evaluators: tupl
 
   try:
     while step < total_steps:
-      batch = sharding.shard_batch(
-          {k: v for k, v in next(data_iter).items() if k in TRAIN_KEYS}, mesh)
+      batch = sharding.shard_batch(bucket_targets(
+          {k: v for k, v in next(data_iter).items() if k in TRAIN_KEYS}, config), mesh)
       state, metrics = train_step(state, batch, text_embeddings, dropout_rng)
       step += 1
       # Step n-1's metrics are read while step n runs: no stall of the dispatch queue, and
