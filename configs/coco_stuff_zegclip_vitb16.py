@@ -23,7 +23,6 @@ def get_config(arg=None):
   c = common.as_method(coco_stuff_r50.get_config(), 'zegclip')
   c.experiment = 'coco_stuff_zegclip_vitb16'
   c.model.zegclip.num_prompts = 100
-  c.input.global_batch_size = 16
   c.input.min_size_train = common.min_sizes(512, 5, 20)    # 256..1024: ratio 0.5-2 of 512
   c.input.max_size_train = 2048
   c.input.crop_size = 512
@@ -31,17 +30,4 @@ def get_config(arg=None):
   c.input.max_size_test = 2048
   c.clip.train_prompts = 'zegclip_multi'
   c.clip.test_prompts = 'zegclip_multi'
-  c.train.total_steps = 80000
-  c.train.checkpoint_every = 2000
-  c.evals.val_seen.every = 80000
-  c.eval.variant = 'seg'
-  c.eval.sliding_window = True
-  c.eval.window_size = 512
-  c.eval.window_stride = 426
-  if arg == 'transductive':
-    c.experiment = 'coco_stuff_zegclip_vitb16_transductive'
-    c.train.total_steps = 40000
-    c.evals.val_seen.every = 40000
-    c.optim.warmup_steps = 0
-    c.eval.gamma = 0.0
-  return c
+  return common.zegclip_schedule(c, 80000, 40000, arg == 'transductive')

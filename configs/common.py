@@ -315,6 +315,26 @@ def as_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Confi
   return c
 
 
+def zegclip_schedule(c: ml_collections.ConfigDict, steps: int, transductive_steps: int,
+                     transductive: bool) -> ml_collections.ConfigDict:
+  """ZegCLIP's schedule and test setting on a ViT-B/16 config: batch 16, `steps` (or, for
+  the transductive run that continues an inductive one, `transductive_steps` without
+  warm-up and without the seen-class penalty), 512-px windows every 426 pixels."""
+  c.input.global_batch_size = 16
+  c.train.total_steps = transductive_steps if transductive else steps
+  c.train.checkpoint_every = 2000
+  c.evals.val_seen.every = c.train.total_steps
+  c.eval.variant = 'seg'
+  c.eval.sliding_window = True
+  c.eval.window_size = 512
+  c.eval.window_stride = 426
+  if transductive:
+    c.experiment += '_transductive'
+    c.optim.warmup_steps = 0        # continues a trained model
+    c.eval.gamma = 0.0              # ZegCLIP's transductive models: no seen-class penalty
+  return c
+
+
 def _zegclip_recipe(c: ml_collections.ConfigDict) -> None:
   """ZegCLIP's own model, loss, optimiser and test-time penalty (docs/reference.md §10);
   the data, crops, text embeddings and test views stay those of `c`."""

@@ -27,20 +27,6 @@ def get_config(arg=None):
     raise ValueError(f'voc_zegclip_vitb16 argument must be one of {ARGS[1:]}; got {arg!r}')
   c = common.as_method(voc_r50.get_config(None), 'zegclip')
   c.experiment = 'voc_zegclip_vitb16'
-  c.input.global_batch_size = 16
-  c.train.total_steps = 20000
-  c.train.checkpoint_every = 2000
-  c.evals.val_seen.every = 20000
   c.clip.train_prompts = 'zegclip_single'   # "a photo of a {}" (ZegCLIP's voc12_single)
   c.clip.test_prompts = 'zegclip_single'
-  c.eval.variant = 'seg'
-  c.eval.sliding_window = True
-  c.eval.window_size = 512
-  c.eval.window_stride = 426
-  if arg == 'transductive':
-    c.experiment = 'voc_zegclip_vitb16_transductive'
-    c.train.total_steps = 10000
-    c.evals.val_seen.every = 10000
-    c.optim.warmup_steps = 0        # continues a trained model
-    c.eval.gamma = 0.0              # ZegCLIP's transductive models: no seen-class penalty
-  return c
+  return common.zegclip_schedule(c, 20000, 10000, arg == 'transductive')

@@ -17,7 +17,6 @@ device's peak, the MFU (benchmarking.py). It prints one JSON line.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -128,15 +127,11 @@ def main(argv) -> None:
   result = measure(config, FLAGS.size, FLAGS.num_classes, FLAGS.num_seen, FLAGS.images,
                    FLAGS.warmup, FLAGS.peak_tflops)
   import jax
-  line = json.dumps(dict(tool='bench_infer',
+  benchmarking.emit(dict(tool='bench_infer',
                          config=config_flags.get_config_filename(FLAGS['config']),
                          device=jax.devices()[0].device_kind, dtype=config.model.dtype,
                          method=config.model.name, size=FLAGS.size,
-                         num_classes=FLAGS.num_classes, **result))
-  print(line)
-  if FLAGS.output:
-    with open(FLAGS.output, 'a') as f:
-      f.write(line + '\n')
+                         num_classes=FLAGS.num_classes, **result), FLAGS.output)
 
 
 if __name__ == '__main__':

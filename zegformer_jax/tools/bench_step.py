@@ -23,7 +23,6 @@ the same step time (BENCHMARKS.md gives the figure next to each demo run).
 """
 from __future__ import annotations
 
-import json
 import time
 
 from absl import flags
@@ -157,16 +156,12 @@ def main(argv) -> None:
   result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup, FLAGS.batch_file,
                    FLAGS.save_batch, FLAGS.peak_tflops, regions)
   import jax
-  line = json.dumps(dict(tool='bench_step', regions=FLAGS.regions or None,
+  benchmarking.emit(dict(tool='bench_step', regions=FLAGS.regions or None,
                          target_buckets=list(config.input.get('target_buckets', ())),
                          config=config_flags.get_config_filename(FLAGS['config']),
                          device=jax.devices()[0].device_kind, dtype=config.model.dtype,
                          batch=config.input.global_batch_size, crop=config.input.crop_size,
-                         **result))
-  print(line)
-  if FLAGS.output:
-    with open(FLAGS.output, 'a') as f:
-      f.write(line + '\n')
+                         **result), FLAGS.output)
 
 
 if __name__ == '__main__':

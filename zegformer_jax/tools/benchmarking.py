@@ -45,6 +45,15 @@ def throughput(flops: Optional[float], seconds: float, peak_tflops: float = 0.0)
   return out
 
 
+def emit(record: dict, output: Optional[str] = None) -> None:
+  """Prints `record` as one JSON line, and appends it to `output` when given."""
+  line = json.dumps(record)
+  print(line)
+  if output:
+    with open(output, 'a') as f:
+      f.write(line + '\n')
+
+
 COLUMNS = (('tool', 'tool'), ('config', 'config'), ('dtype', 'dtype'), ('batch', 'batch'),
            ('size', 'size'), ('step / image ms', 'ms'), ('images/s', 'images_per_s'),
            ('GFLOP', 'gflop'), ('TFLOP/s', 'tflops_per_s'), ('MFU', 'mfu'))

@@ -143,6 +143,22 @@ class Conversion:
   notes: List[str] = dataclasses.field(default_factory=list)
 
 
+def linear_targets(path: Path, leaf: str) -> Optional[List[Target]]:
+  """A torch Linear's weight / bias -> a flax Dense's kernel / bias at `path` ('params')."""
+  if leaf == 'weight':
+    return [('params', path + ('kernel',), linear_to_dense)]
+  if leaf == 'bias':
+    return [('params', path + ('bias',), identity)]
+  return None
+
+
+def norm_targets(path: Path, leaf: str) -> Optional[List[Target]]:
+  """A torch LayerNorm / GroupNorm's weight / bias -> scale / bias at `path` ('params')."""
+  if leaf in ('weight', 'bias'):
+    return [('params', path + (NORM_LEAVES[leaf],), identity)]
+  return None
+
+
 def model_shapes(model_config) -> Dict[Path, Tuple[int, ...]]:
   """{('params'|'frozen', ...): shape} of the method's model built from a `model` config."""
   from zegformer_jax.modeling import methods

@@ -28,8 +28,8 @@ import numpy as np
 
 from zegformer_jax.weights import openai_clip
 from zegformer_jax.weights.accounting import (
-    NORM_LEAVES, Conversion, ConversionError, Path, Target, add_targets, identity,
-    linear_to_dense)
+    Conversion, ConversionError, Path, Target, add_targets, identity, linear_targets,
+    norm_targets)
 from zegformer_jax.weights.store import covered, path_str
 
 COVERS = ('params', 'frozen')
@@ -53,20 +53,6 @@ def known_unused(key: str) -> Optional[str]:
   return None
 
 
-def _dense(path: Path, leaf: str) -> Optional[List[Target]]:
-  if leaf == 'weight':
-    return [('params', path + ('kernel',), linear_to_dense)]
-  if leaf == 'bias':
-    return [('params', path + ('bias',), identity)]
-  return None
-
-
-def _norm(path: Path, leaf: str) -> Optional[List[Target]]:
-  if leaf in ('weight', 'bias'):
-    return [('params', path + (NORM_LEAVES[leaf],), identity)]
-  return None
-
-
 def targets(key: str) -> Optional[List[Target]]:
   """(collection, flax path, transform) targets of a ZegCLIP key, by name; None if unknown.
   The two prompt tables are joined in `convert_zegclip`."""
@@ -74,9 +60,9 @@ def targets(key: str) -> Optional[List[Target]]:
     rest = key[len('backbone.'):]
     module, _, leaf = rest.rpartition('.')
     if module == 'prompt_proj':
-      return _dense(('image_encoder', 'prompt_proj'), leaf)
+      return linear_targets(('image_encoder', 'prompt_proj'), leaf)
     if module == 'prompt_norm':
-      return _norm(('image_encoder', 'prompt_norm'), leaf)
+      return norm_targets(('image_encoder', 'prompt_norm'), leaf)
     clip = openai_clip.clip_targets('visual.' + rest)
     if clip is None:
       return None
@@ -87,19 +73,19 @@ def targets(key: str) -> Optional[List[Target]]:
       out.append(('frozen', ('image_encoder',) + path, transform))
     return out
   if key.startswith('decode_head.q_proj.'):
-    return _dense(('head', 'q_proj'), key.rpartition('.')[2])
+    return linear_targets(('head', 'q_proj'), key.rpartition('.')[2])
   m = _LAYER.match(key)
   if not m:
     return None
   layer = ('head', f'layers_{int(m.group(1))}')
   module, _, leaf = m.group(2).rpartition('.')
   if module in ('linear1', 'linear2'):
-    return _dense(layer + (module,), leaf)
+    return linear_targets(layer + (module,), leaf)
   if module in ('norm2', 'norm3'):
-    return _norm(layer + (module,), leaf)
+    return norm_targets(layer + (module,), leaf)
   attn = re.fullmatch(r'multihead_attn\.(q|k|v|proj)', module)
   if attn:
-    return _dense(layer + ('cross_attn', attn.group(1)), leaf)
+    return linear_targets(layer + ('cross_attn', attn.group(1)), leaf)
   return None
 
 

@@ -11,8 +11,8 @@ import numpy as np
 
 from zegformer_jax.weights import resnet
 from zegformer_jax.weights.accounting import (
-    NORM_LEAVES, Conversion, ConversionError, Path, Target, add_targets, identity,
-    in_proj_part, known_unused, linear_to_dense, oihw_to_hwio, shape_of, squeeze_row)
+    Conversion, ConversionError, Path, Target, add_targets, identity, in_proj_part,
+    known_unused, linear_targets, norm_targets, oihw_to_hwio, shape_of, squeeze_row)
 from zegformer_jax.weights.store import covered, path_str
 
 # What a full checkpoint is responsible for.
@@ -24,20 +24,6 @@ _PIXEL_DECODER_KEY = re.compile(r'^(adapter_[1-3]|layer_[1-4]|mask_features)\.(.
 _DECODER_LAYER_KEY = re.compile(r'^layers\.(\d+)\.(.+)$')
 
 
-def _linear_targets(path: Path, leaf: str) -> Optional[List[Target]]:
-  if leaf == 'weight':
-    return [('params', path + ('kernel',), linear_to_dense)]
-  if leaf == 'bias':
-    return [('params', path + ('bias',), identity)]
-  return None
-
-
-def _norm_targets(path: Path, leaf: str) -> Optional[List[Target]]:
-  if leaf in ('weight', 'bias'):
-    return [('params', path + (NORM_LEAVES[leaf],), identity)]
-  return None
-
-
 def _attention_targets(path: Path, leaf: str) -> Optional[List[Target]]:
   """nn.MultiheadAttention keys -> MultiHeadAttention (query/key/value/out) targets."""
   if leaf in ('in_proj_weight', 'in_proj_bias'):
@@ -45,7 +31,7 @@ def _attention_targets(path: Path, leaf: str) -> Optional[List[Target]]:
     return [('params', path + (name, 'kernel' if weight else 'bias'), in_proj_part(i, weight))
             for i, name in enumerate(('query', 'key', 'value'))]
   if leaf.startswith('out_proj.'):
-    return _linear_targets(path + ('out',), leaf[len('out_proj.'):])
+    return linear_targets(path + ('out',), leaf[len('out_proj.'):])
   return None
 
 
@@ -53,7 +39,7 @@ def _decoder_targets(rest: str) -> Optional[List[Target]]:
   """`transformer.decoder.` key remainder -> targets under 'transformer'."""
   top = ('transformer',)
   if rest.startswith('norm.'):
-    return _norm_targets(top + ('norm',), rest[5:])
+    return norm_targets(top + ('norm',), rest[5:])
   m = _DECODER_LAYER_KEY.match(rest)
   if not m:
     return None
@@ -62,9 +48,9 @@ def _decoder_targets(rest: str) -> Optional[List[Target]]:
   if module in ('self_attn', 'multihead_attn'):
     return _attention_targets(path + (module,), leaf)
   if module in ('linear1', 'linear2'):
-    return _linear_targets(path + (module,), leaf)
+    return linear_targets(path + (module,), leaf)
   if module in ('norm1', 'norm2', 'norm3'):
-    return _norm_targets(path + (module,), leaf)
+    return norm_targets(path + (module,), leaf)
   return None
 
 
@@ -79,7 +65,7 @@ def _pixel_decoder_targets(rest: str) -> Optional[List[Target]]:
   if leaf == 'bias':
     return [('params', path + ('bias',), identity)]
   if leaf.startswith('norm.'):
-    return _norm_targets(path + ('norm',), leaf[5:])
+    return norm_targets(path + ('norm',), leaf[5:])
   return None
 
 
@@ -110,10 +96,10 @@ def official_targets(key: str) -> Optional[List[Target]]:
              oihw_to_hwio if leaf == 'weight' else identity)]
   m = re.match(r'^mask_embed\.layers\.(\d+)\.(weight|bias)$', rest)
   if m:
-    return _linear_targets(('mask_embed', f'layers_{int(m.group(1))}'), m.group(2))
+    return linear_targets(('mask_embed', f'layers_{int(m.group(1))}'), m.group(2))
   m = re.match(r'^projection_layer\.(weight|bias)$', rest)
   if m:
-    return _linear_targets(('semantic_proj',), m.group(1))
+    return linear_targets(('semantic_proj',), m.group(1))
   return None
 
 
