@@ -11,7 +11,9 @@ For a batch, under one function that evaluation and prediction jit:
   -> crop to the resized image, resize to the label's size -> minus gamma on seen classes
      (Eq. 2).
 Several variants share the model's forward pass and the image branch. With test-time
-augmentation (`tta`) the scores of every view are averaged.
+augmentation (`tta`) the scores of every view are averaged. The other methods have only
+'seg': SPNet-FPN and ZS3Net a per-pixel softmax, ZegCLIP a per-class sigmoid, each then
+resized and calibrated (Eq. 2) the same way.
 """
 import jax
 import jax.numpy as jnp
