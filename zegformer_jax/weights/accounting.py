@@ -16,7 +16,7 @@ import numpy as np
 
 from zegformer_jax.modeling import clip
 from zegformer_jax.weights import torch_pickle
-from zegformer_jax.weights.store import Path, flat_shapes, listing, path_str
+from zegformer_jax.weights.store import Path, covered, flat_shapes, listing, path_str
 
 __all__ = [
     'ConversionError', 'Conversion', 'Path', 'Transform', 'Target', 'NORM_LEAVES',
@@ -141,6 +141,26 @@ class Conversion:
   mismatched: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]
   clip: Optional[Dict[str, np.ndarray]] = None
   notes: List[str] = dataclasses.field(default_factory=list)
+
+
+def account_key(conv: Conversion, key: str, value, reason: Optional[str],
+                targets: Optional[Sequence[Target]],
+                shapes: Optional[Mapping[Path, Tuple[int, ...]]]) -> None:
+  """Records one source key in `conv`: skipped for `reason` (known unused), unused without
+  targets, else converted (`add_targets`)."""
+  if reason is not None:
+    conv.skipped[key] = reason
+  elif targets is None:
+    conv.unused.append(key)
+  else:
+    add_targets(conv, key, value, targets, shapes)
+
+
+def record_missing(conv: Conversion, shapes: Optional[Mapping[Path, Tuple[int, ...]]]) -> None:
+  """conv.missing: the model variables under conv.covers that no source key produced."""
+  if shapes is not None:
+    conv.missing = sorted(path_str(p) for p in shapes
+                          if covered(path_str(p), conv.covers) and p not in conv.variables)
 
 
 def linear_targets(path: Path, leaf: str) -> Optional[List[Target]]:

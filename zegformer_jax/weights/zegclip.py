@@ -28,9 +28,8 @@ import numpy as np
 
 from zegformer_jax.weights import openai_clip
 from zegformer_jax.weights.accounting import (
-    Conversion, ConversionError, Path, Target, add_targets, identity, linear_targets,
-    norm_targets)
-from zegformer_jax.weights.store import covered, path_str
+    Conversion, ConversionError, Path, Target, account_key, add_targets, identity,
+    linear_targets, norm_targets, record_missing)
 
 COVERS = ('params', 'frozen')
 SHALLOW_PROMPT = 'backbone.prompt_embeddings'
@@ -121,18 +120,7 @@ def convert_zegclip(tensors: Mapping[str, np.ndarray],
   elif DEEP_PROMPTS in tensors:
     raise ConversionError(f'{DEEP_PROMPTS} without {SHALLOW_PROMPT} (layer 0\'s prompts)')
   for key, value in tensors.items():
-    if key in (SHALLOW_PROMPT, DEEP_PROMPTS):
-      continue
-    reason = known_unused(key)
-    if reason is not None:
-      conv.skipped[key] = reason
-      continue
-    found = targets(key)
-    if found is None:
-      conv.unused.append(key)
-      continue
-    add_targets(conv, key, value, found, shapes)
-  if shapes is not None:
-    conv.missing = sorted(path_str(p) for p in shapes
-                          if covered(path_str(p), COVERS) and p not in conv.variables)
+    if key not in (SHALLOW_PROMPT, DEEP_PROMPTS):
+      account_key(conv, key, value, known_unused(key), targets(key), shapes)
+  record_missing(conv, shapes)
   return conv

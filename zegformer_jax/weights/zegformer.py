@@ -11,9 +11,9 @@ import numpy as np
 
 from zegformer_jax.weights import resnet
 from zegformer_jax.weights.accounting import (
-    Conversion, ConversionError, Path, Target, add_targets, identity, in_proj_part,
-    known_unused, linear_targets, norm_targets, oihw_to_hwio, shape_of, squeeze_row)
-from zegformer_jax.weights.store import covered, path_str
+    Conversion, ConversionError, Path, Target, account_key, identity, in_proj_part,
+    known_unused, linear_targets, norm_targets, oihw_to_hwio, record_missing, shape_of,
+    squeeze_row)
 
 # What a full checkpoint is responsible for.
 FULL_COVERS = ('params', 'frozen')
@@ -146,18 +146,10 @@ def convert_zegformer_format(source_format: str, tensors: Mapping[str, np.ndarra
     name = key
     if source_format == 'torchvision-resnet':
       name = resnet.torchvision_to_d2(key) or key
-    reason = known_unused(source_format, name)
-    if reason is not None:
-      conv.skipped[key] = reason
-      continue
-    targets = official_targets(name if source_format == 'zegformer' else 'backbone.' + name)
-    if targets is None:
-      conv.unused.append(key)
-      continue
-    add_targets(conv, key, value, targets, shapes)
-  if shapes is not None:
-    conv.missing = sorted(path_str(p) for p in shapes
-                          if covered(path_str(p), covers) and p not in conv.variables)
+    account_key(conv, key, value, known_unused(source_format, name),
+                official_targets(name if source_format == 'zegformer' else 'backbone.' + name),
+                shapes)
+  record_missing(conv, shapes)
   if clip:
     conv.clip = clip
   return conv
