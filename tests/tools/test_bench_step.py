@@ -39,7 +39,9 @@ def test_measure_runs_the_train_step_on_a_fixed_batch(tmp_path):
   config = shapesworld.get_config('smoke')
   path = str(tmp_path / 'batch.npz')
   a = bench_step.measure(config, num_classes=26, steps=2, warmup=0, save_batch=path,
-                         peak_tflops=1.0)
+                         peak_tflops=1.0, split=True)
+  assert a['forward_ms'] > 0 and a['backward_ms'] > 0     # the time split was measured
+  assert set(a) >= {'matching_and_losses_ms', 'optimiser_and_rest_ms'}
   assert a['step_ms_min'] <= a['step_ms'] <= a['step_ms_max'] and a['first_step_s'] > 0
   assert np.isfinite(a['final_loss']) and a['final_loss'] > 0
   assert a['flops_per_step'] > 1e8                # ~1.8 GFLOP for the smoke model

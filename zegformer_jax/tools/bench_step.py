@@ -42,6 +42,8 @@ def define_flags():
   flags.DEFINE_integer('num_classes', 26, 'Training classes (ShapesWorld default split: 26).')
   flags.DEFINE_list('regions', [], 'LO,HI: each synthetic image holds LO..HI regions '
                     '(default 1..input.max_masks).')
+  flags.DEFINE_bool('split', False, 'Also time the forward pass, forward + matching + '
+                    'losses, and the gradient alone: the step\'s time split.')
   flags.DEFINE_string('batch_file', None, 'A fixed batch (.npz) used for every step.')
   flags.DEFINE_string('save_batch', None, 'Write the first synthetic batch to this .npz.')
   flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for the MFU (0: not reported).')
@@ -91,8 +93,45 @@ def load_batch(path: str, config) -> dict:
   return batch
 
 
+def _median_time(fn, args, n: int) -> float:
+  """Median seconds of fn(*args) to completion over n calls, after one untimed call."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(max(n, 1)):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def time_split(config, model, mesh, state, batch, text, rng, n: int, step_s: float) -> dict:
+  """The train step's time split (ms): the model's forward pass; matching and losses
+  (forward + losses, minus the forward); the backward pass (the gradient, minus forward
+  and losses); the optimiser and the rest of the step (the step, minus the gradient)."""
+  import jax
+  from zegformer_jax.modeling import preprocess
+  from zegformer_jax.training import train
+  loss_fn = train.make_loss_fn(config, model, mesh)
+  mean, std = config.model.pixel_mean, config.model.pixel_std
+
+  def forward(p, f, b, t, r):
+    return model.apply({'params': p, 'frozen': f}, preprocess.normalize(b['image'], mean, std),
+                       t, train=True, rngs={'dropout': r})
+
+  args = (state['params'], state['frozen'], batch, text, rng)
+  fwd = _median_time(jax.jit(forward), args, n)
+  loss = _median_time(jax.jit(lambda *a: loss_fn(*a, 0)), args, n)
+  grad = _median_time(jax.jit(jax.value_and_grad(lambda p, *a: loss_fn(p, *a, 0),
+                                                 has_aux=True)), args, n)
+  ms = lambda x: round(1e3 * x, 1)
+  return {'forward_ms': ms(fwd), 'matching_and_losses_ms': ms(loss - fwd),
+          'backward_ms': ms(grad - loss), 'optimiser_and_rest_ms': ms(step_s - grad)}
+
+
 def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str = None,
-            save_batch: str = None, peak_tflops: float = 0.0, regions=None) -> dict:
+            save_batch: str = None, peak_tflops: float = 0.0, regions=None,
+            split: bool = False) -> dict:
   """{'compile_s', 'first_step_s', 'step_ms' (median), its median/min/max,
   'images_per_s', 'flops_per_step', 'tflops_per_s', 'mfu', 'final_loss'}."""
   import jax
@@ -139,7 +178,12 @@ def measure(config, num_classes: int, steps: int, warmup: int, batch_file: str =
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   median = float(np.median(times))
-  return {'compile_s': round(compile_s, 2), 'first_step_s': round(first, 2),
+  extra = {}
+  if split:
+    rng = jax.random.fold_in(jax.random.key(2), 0)
+    extra = time_split(config, model, mesh, state, batches[0], text, rng, min(steps, 5),
+                       median)
+  return {**extra, 'compile_s': round(compile_s, 2), 'first_step_s': round(first, 2),
           'step_ms': round(median * 1e3, 2),
           **benchmarking.time_stats(times, 'step_ms'),
           'images_per_s': round(config.input.global_batch_size / median, 3),
@@ -154,7 +198,7 @@ def main(argv) -> None:
   if regions is not None and len(regions) != 2:
     raise ValueError(f'--regions takes LO,HI; got {FLAGS.regions}')
   result = measure(config, FLAGS.num_classes, FLAGS.steps, FLAGS.warmup, FLAGS.batch_file,
-                   FLAGS.save_batch, FLAGS.peak_tflops, regions)
+                   FLAGS.save_batch, FLAGS.peak_tflops, regions, FLAGS.split)
   import jax
   benchmarking.emit(dict(tool='bench_step', regions=FLAGS.regions or None,
                          target_buckets=list(config.input.get('target_buckets', ())),

@@ -48,13 +48,10 @@ from zegformer_jax.training import sharding
 from zegformer_jax.training import state as state_lib
 
 
-def make_train_step(config, model, optimizer, mesh, state_sharding):
-  """Returns train_step(state, batch, text_embeddings, rng_data) -> (state, metrics), jitted.
-
-  rng_data is the dropout key as raw bits (jax.random.key_data), replicated.
-  """
+def make_loss_fn(config, model, mesh):
+  """loss_fn(params, frozen, batch, text_embeddings, rng, step) -> (loss, terms): the
+  method's training loss of a batch (forward pass, matching, losses), not jitted."""
   mean, std = config.model.pixel_mean, config.model.pixel_std
-  schedule = optim.schedule_from_config(config.optim, config.train.total_steps)
   nan_step = int(config.train.get('debug_nan_step', 0))
   pixel_level = methods.is_pixel_method(config.model)
   one_stage = methods.method_name(config.model) == 'zegclip'
@@ -81,6 +78,17 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     targets = dict(batch, target_masks=criterion.masks_from_label(
         batch['label'], batch['target_classes'], batch['target_valid']))
     return criterion.compute_loss(outputs, targets, config.loss, mesh)
+
+  return loss_fn
+
+
+def make_train_step(config, model, optimizer, mesh, state_sharding):
+  """Returns train_step(state, batch, text_embeddings, rng_data) -> (state, metrics), jitted.
+
+  rng_data is the dropout key as raw bits (jax.random.key_data), replicated.
+  """
+  schedule = optim.schedule_from_config(config.optim, config.train.total_steps)
+  loss_fn = make_loss_fn(config, model, mesh)
 
   def train_step(state, batch, text_embeddings, rng_data):
     # The dropout key depends only on the step, so a resumed run draws the same masks.
