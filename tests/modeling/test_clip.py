@@ -421,3 +421,19 @@ def test_clip_logit_scale(tiny):
   params = dict(model.params, logit_scale=jnp.asarray(np.log(100.0), jnp.float32))
   np.testing.assert_allclose(float(clip.clip_logit_scale(params)), 100.0, rtol=1e-5)
   np.testing.assert_allclose(float(clip.clip_logit_scale({'params': params})), 100.0, rtol=1e-5)
+
+
+def test_tiny_clip_tokenizer_is_fixed_by_its_prompt_sets(tmp_path):
+  """The tiny CLIP's BPE files are those of the code the demo's numbers were made with
+  (sha256 of merges.txt recorded from it, 2026-12-03): a prompt set added since (ZegCLIP's)
+  does not change them, and its words still tokenize."""
+  import hashlib
+  clip.create_tiny_clip(str(tmp_path / 'c'), vocab_words=['cat'])
+  vocab = json.load(open(tmp_path / 'c' / 'vocab.json'))
+  merges = (tmp_path / 'c' / 'merges.txt').read_bytes()
+  assert len(vocab) == 711
+  assert hashlib.sha256(merges).hexdigest()[:16] == 'b060d37fff2ab820'
+  _, tokenizer = clip.load_clip(str(tmp_path / 'c'))
+  ids = tokenizer('This is one cat in the scene.')['input_ids']
+  assert len(ids) > 3 and tokenizer.decode(ids, skip_special_tokens=True).replace(' ', '') == \
+      'thisisonecatinthescene.'

@@ -573,6 +573,12 @@ def _train_bpe(texts: Iterable[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
   return vocab, merges
 
 
+# The prompt sets whose words the tiny CLIP's BPE vocabulary is trained on. Fixed: a prompt
+# set added later (ZegCLIP's) must not change the tokenizer, hence the miniature CLIP, of
+# an existing world and the demo's numbers; its words still tokenize (byte fallback).
+TINY_CLIP_PROMPT_SETS = ('single', 'imagenet_select', 'select_clip', 'imagenet')
+
+
 def create_tiny_clip(path: str, *, vocab_words: Iterable[str], seed: int = 0,
                      projection_dim: int = 64, text_width: int = 64, text_layers: int = 2,
                      text_heads: int = 4, context_length: int = 32, vision_width: int = 64,
@@ -583,7 +589,7 @@ def create_tiny_clip(path: str, *, vocab_words: Iterable[str], seed: int = 0,
   """Writes a small random FlaxCLIPModel and its BPE tokenizer to `path` (HF layout).
 
   The tokenizer vocabulary covers `vocab_words` (e.g. class names; ', ' synonyms are fine),
-  every word of every prompt set and all byte characters. The result loads with
+  every word of the prompt sets TINY_CLIP_PROMPT_SETS and all byte characters. The result loads with
   `load_clip(path)`, the code path of openai/clip-vit-base-patch16. Defaults suit 64-px
   ShapesWorld: D = 64, 2-layer width-64 towers, 64-px images in 8-px patches, context 32.
   logit_scale starts at CLIP's ln(1/0.07). `safe_serialization` writes model.safetensors
@@ -599,8 +605,8 @@ def create_tiny_clip(path: str, *, vocab_words: Iterable[str], seed: int = 0,
     if not overwrite:
       raise FileExistsError(f'{path} exists and is not empty (pass overwrite=True)')
   texts = list(vocab_words)
-  for templates in _all_prompt_sets().values():
-    texts.extend(t.replace('{}', ' ') for t in templates)
+  for name in TINY_CLIP_PROMPT_SETS:
+    texts.extend(t.replace('{}', ' ') for t in prompt_templates(name))
   vocab, merges = _train_bpe(texts)
 
   parent = os.path.dirname(path)
