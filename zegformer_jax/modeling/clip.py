@@ -589,8 +589,8 @@ def create_tiny_clip(path: str, *, vocab_words: Iterable[str], seed: int = 0,
   """Writes a small random FlaxCLIPModel and its BPE tokenizer to `path` (HF layout).
 
   The tokenizer vocabulary covers `vocab_words` (e.g. class names; ', ' synonyms are fine),
-  every word of the prompt sets TINY_CLIP_PROMPT_SETS and all byte characters. The result loads with
-  `load_clip(path)`, the code path of openai/clip-vit-base-patch16. Defaults suit 64-px
+  every word of the prompt sets TINY_CLIP_PROMPT_SETS and all byte characters. The result
+  loads with `load_clip(path)`, the code path of openai/clip-vit-base-patch16. Defaults suit 64-px
   ShapesWorld: D = 64, 2-layer width-64 towers, 64-px images in 8-px patches, context 32.
   logit_scale starts at CLIP's ln(1/0.07). `safe_serialization` writes model.safetensors
   (Flax key layout) instead of flax_model.msgpack. The directory is assembled next to

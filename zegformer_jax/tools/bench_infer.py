@@ -106,11 +106,7 @@ def measure(config, size: int, num_classes: int, num_seen: int, images: int,
   first = time.perf_counter() - t
   for _ in range(warmup):
     run()
-  times = []
-  for _ in range(images):
-    t = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t)
+  times = benchmarking.call_times(run, images)
   median = statistics.median(times)
   return {'compile_s': round(compile_s, 2), 'first_s': round(first, 2),
           'per_image_s': round(median, 3), 'per_image_all_s': [round(x, 3) for x in times],

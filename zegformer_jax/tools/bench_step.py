@@ -96,13 +96,9 @@ def load_batch(path: str, config) -> dict:
 def _median_time(fn, args, n: int) -> float:
   """Median seconds of fn(*args) to completion over n calls, after one untimed call."""
   import jax
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(max(n, 1)):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  run = lambda: jax.block_until_ready(fn(*args))
+  run()
+  return float(np.median(benchmarking.call_times(run, max(n, 1))))
 
 
 def time_split(config, model, mesh, state, batch, text, rng, n: int, step_s: float) -> dict:

@@ -13,6 +13,7 @@ float32 or bfloat16 figure).
 import json
 import statistics
 import sys
+import time
 from typing import Optional, Sequence
 
 
@@ -26,6 +27,16 @@ def compiled_flops(compiled) -> Optional[float]:
     cost = cost[0] if cost else {}
   flops = (cost or {}).get('flops')
   return float(flops) if flops is not None and flops >= 0 else None
+
+
+def call_times(fn, n: int) -> list:
+  """Seconds of each of n calls of fn() (fn blocks until its result is ready)."""
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
 
 
 def time_stats(seconds: Sequence[float], prefix: str) -> dict:
