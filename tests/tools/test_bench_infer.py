@@ -60,3 +60,12 @@ def test_launch_benchmarks_writes_the_table(tmp_path):
   assert [x['mfu'] > 0 for x in rows] == [True] * 4
   table = (tmp_path / 'out' / 'table.md').read_text().splitlines()
   assert len(table) == 6 and table[2].startswith('| bench_step | configs/shapesworld.py')
+
+
+def test_throughput_keeps_four_significant_figures():
+  # 1.8e9 FLOP in 0.8371 s on a 1 TFLOP/s peak: 2.1503e-3, which four decimals would make 0.0022.
+  r = benchmarking.throughput(1.8e9, 0.8371, peak_tflops=1.0)
+  assert r == {'tflops_per_s': 0.00215, 'mfu': 0.00215}
+  r = benchmarking.throughput(3.0e12, 0.5, peak_tflops=989.0)
+  assert r == {'tflops_per_s': 6.0, 'mfu': 0.006067}
+  assert benchmarking.throughput(None, 1.0) == {} and 'mfu' not in benchmarking.throughput(1e9, 1.0)

@@ -50,10 +50,15 @@ def throughput(flops: Optional[float], seconds: float, peak_tflops: float = 0.0)
   """{'tflops_per_s', 'mfu'} of `flops` done in `seconds` (mfu only with a peak)."""
   if not flops or seconds <= 0:
     return {}
-  out = {'tflops_per_s': round(flops / seconds / 1e12, 4)}
+  # Four significant figures, not four decimals: a CPU's MFU is ~1e-3.
+  out = {'tflops_per_s': _significant(flops / seconds / 1e12)}
   if peak_tflops > 0:
-    out['mfu'] = round(flops / seconds / (peak_tflops * 1e12), 4)
+    out['mfu'] = _significant(flops / seconds / (peak_tflops * 1e12))
   return out
+
+
+def _significant(x: float, digits: int = 4) -> float:
+  return float(f'{x:.{digits}g}')
 
 
 def emit(record: dict, output: Optional[str] = None) -> None:
