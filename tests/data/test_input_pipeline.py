@@ -160,6 +160,89 @@ def test_hsv_against_scalar_oracles():
   assert np.abs(back - expected).max() <= 1 and (back != expected).mean() < 0.01
 
 
+def _color_aug_per_pixel(image, rng):
+  """The colour jitter as it was before its tables: the HSV formulas evaluated per pixel and
+  the float multiply-add per value, the draws in the same order (the oracle of the next test)."""
+  def convert(x, alpha=1.0, beta=0.0):
+    return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+  img = image
+  if rng.integers(2):
+    img = convert(img, beta=rng.uniform(-32, 32))
+
+  def contrast(x):
+    return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else x
+
+  def saturation(x):
+    if rng.integers(2):
+      hsv = augment.rgb_to_hsv_u8(x)
+      hsv[..., 1] = convert(hsv[..., 1], alpha=rng.uniform(0.5, 1.5))
+      return augment.hsv_to_rgb_u8(hsv)
+    return x
+
+  def hue(x):
+    if rng.integers(2):
+      hsv = augment.rgb_to_hsv_u8(x)
+      hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(-18, 19))) % 180
+      return augment.hsv_to_rgb_u8(hsv)
+    return x
+
+  return hue(saturation(contrast(img))) if rng.integers(2) else contrast(hue(saturation(img)))
+
+
+def test_color_jitter_by_tables_equals_the_per_pixel_formulas():
+  rng = np.random.default_rng(11)
+  noise = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+  greys = np.repeat(rng.integers(0, 256, (96, 128, 1), dtype=np.uint8), 3, -1)
+  every = np.arange(1 << 24, dtype='<u4').view(np.uint8).reshape(4096, 4096, 4)[..., :3]
+  for i, image in enumerate([noise, greys] * 16 + [every[::7, ::5]] * 4):
+    fast = augment.color_aug_ssd(image, np.random.default_rng([5, i]))
+    np.testing.assert_array_equal(fast, _color_aug_per_pixel(image, np.random.default_rng([5, i])))
+  # All 2**24 colours through the tables against the formulas: the conversions themselves.
+  h, s, v = augment._hsv_planes(every)
+  np.testing.assert_array_equal(np.stack([h, s, v], -1), augment.rgb_to_hsv_u8(every))
+  hsv = np.stack([rng.integers(0, 180, (512, 512)), rng.integers(0, 256, (512, 512)),
+                  rng.integers(0, 256, (512, 512))], -1).astype(np.uint8)
+  np.testing.assert_array_equal(augment._rgb_of_planes(hsv[..., 0], hsv[..., 1], hsv[..., 2]),
+                                augment.hsv_to_rgb_u8(hsv))
+
+
+def _train_augment_before(image, label, rng, min_size_train, max_size_train, crop_size,
+                          ignore_value):
+  """train_augment as it was: int32 labels, the per-pixel colour jitter, flip then pad."""
+  from PIL import Image
+  h, w = label.shape
+  nh, nw = augment.resize_shortest_edge_shape(h, w, int(rng.choice(np.asarray(min_size_train))),
+                                              max_size_train)
+  image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((nw, nh), Image.NEAREST))
+  y0, x0, ch, cw = augment.random_crop_box(nh, nw, crop_size, rng)
+  image, label = image[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw]
+  image = _color_aug_per_pixel(image, rng)
+  if rng.uniform() < 0.5:
+    image, label = image[:, ::-1], label[:, ::-1]
+  out_image = np.full((crop_size, crop_size, 3), 128, np.uint8)
+  out_label = np.full((crop_size, crop_size), ignore_value, np.int32)
+  out_image[:ch, :cw], out_label[:ch, :cw] = image, label
+  return out_image, out_label
+
+
+@pytest.mark.parametrize('label_dtype', [np.uint8, np.int32])
+def test_train_augment_equals_the_implementation_before_its_tables(label_dtype):
+  rng = np.random.default_rng(4)
+  kw = dict(min_size_train=(48, 64, 80, 96, 120), max_size_train=160, crop_size=72,
+            ignore_value=255)
+  for i in range(24):
+    h, w = rng.integers(40, 110, 2)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    label = rng.integers(0, 30, (h, w))
+    label[rng.random((h, w)) < .1] = 255
+    got = augment.train_augment(image, label.astype(label_dtype), np.random.default_rng(i), **kw)
+    want = _train_augment_before(image, label, np.random.default_rng(i), **kw)
+    assert got[0].dtype == np.uint8 and got[1].dtype == np.int32
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_test_resize_and_pad_to_multiple():
   img = np.zeros((30, 45, 3), np.uint8)
   out = augment.test_resize(img, 64, 128)
@@ -279,7 +362,7 @@ def test_train_batches(data_dir):
   batch = next(it)
   m = c.input.max_masks
   assert set(batch) == {'image', 'label', 'target_classes', 'target_valid'}
-  assert batch['image'].dtype == np.float32 and batch['image'].shape == (8, 64, 64, 3)
+  assert batch['image'].dtype == np.uint8 and batch['image'].shape == (8, 64, 64, 3)
   assert batch['label'].dtype == np.int32 and batch['label'].shape == (8, 64, 64)
   assert batch['target_classes'].dtype == np.int32 and batch['target_classes'].shape == (8, m)
   masks = np.asarray(criterion.masks_from_label(batch['label'], batch['target_classes'],

@@ -20,7 +20,7 @@ Training, per process (`make_train_iterator`):
                 config.input.num_workers > 0, grain multiprocessing (mp_prefetch).
 
 Train batch (numpy, b = local batch, C = crop_size, M = max_masks):
-  'image'          float32 [b,C,C,3]  RGB 0-255, padding 128 (not normalised)
+  'image'          uint8 [b,C,C,3]    RGB, padding 128 (normalised on device, in float32)
   'label'          int32   [b,C,C]    train ids, padding and unseen pixels = ignore value
   'target_classes' int32   [b,M]      class id of each target mask (padding 0)
   (target masks, label == target_classes[m], are built on device by the train step:
@@ -137,17 +137,23 @@ class _TrainTransform:
     self.max_masks = int(inp.max_masks)
     self.ignore = int(source.ignore_value)
     self.num_classes = int(source.num_classes)
+    self.uint8_labels = self.num_classes <= 256 and 0 <= self.ignore < 256
     self.include_metadata = include_metadata
 
   def __call__(self, item: tuple[int, int]) -> dict[str, Any]:
     record, epoch = item
     ex = self.source[record]
     rng = np.random.default_rng([self.seed, _AUG_SALT, record, epoch])
+    label = ex['label']
+    if self.uint8_labels:  # the source checked every id: < num_classes or the ignore value
+      label = label.astype(np.uint8)
     image, label = augment.train_augment(
-        ex['image'], ex['label'], rng, min_size_train=self.min_size_train,
+        ex['image'], label, rng, min_size_train=self.min_size_train,
         max_size_train=self.max_size_train, crop_size=self.crop_size,
         ignore_value=self.ignore, color_aug=self.color_aug)
-    out = {'image': image.astype(np.float32), 'label': label}
+    # uint8, not float32: a quarter of the bytes to batch, hold and send to the devices;
+    # preprocess.normalize casts on device, to the same float32 values.
+    out = {'image': image, 'label': label}
     out.update(augment.make_targets(label, self.num_classes, self.max_masks, self.ignore,
                                     with_masks=False))
     if self.include_metadata:
