@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 512                   # CLIP text embedding width (semantic embedding)
   c.model.temperature = 0.01                # Eq. 1 tau; logit scale 1/tau = 100, fixed
   c.model.dtype = 'float32'                 # compute dtype; params stay float32
+  # 1x1 convolutions as matmuls: same outputs, a filter gradient 2-7x faster on XLA:CPU
+  # (resnet.Conv2d); the gradients' last bits differ from the convolution's.
+  c.model.conv1x1_as_matmul = True
 
   # ---------------------------------------------------------------- CLIP
   c.clip = ml_collections.ConfigDict()

@@ -206,6 +206,36 @@ def test_conv_stride2_symmetric_padding_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('strides,hw', [(1, 6), (2, 7), (2, 8)])
+def test_conv1x1_as_matmul_matches_numpy_and_the_convolution(strides, hw):
+  """The matmul form of a 1x1 conv: output and both gradients against float64 numpy (and
+  the output against the convolution it replaces), odd sizes and stride 2 included."""
+  rng = np.random.default_rng(strides + hw)
+  x = rng.normal(size=(2, hw, hw, 5)).astype(np.float32)
+  dy_shape = (2, -(-hw // strides), -(-hw // strides), 3)
+  dy = rng.normal(size=dy_shape).astype(np.float32)
+  conv = resnet.Conv2d(3, 1, strides=strides, use_bias=True)
+  fast = resnet.Conv2d(3, 1, strides=strides, use_bias=True, conv1x1_as_matmul=True)
+  params = conv.init(jax.random.key(0), x)['params']
+  y, vjp = jax.vjp(lambda p, x: fast.apply({'params': p}, x), params, x)
+  grads, dx = vjp(jnp.asarray(dy))
+  w, b = np.float64(params['kernel'][0, 0]), np.float64(params['bias'])
+  xs = np.float64(x)[:, ::strides, ::strides]
+  np.testing.assert_allclose(y, xs @ w + b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y, conv.apply({'params': params}, x), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(grads['kernel'][0, 0], np.einsum('bhwc,bhwo->co', xs, dy),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads['bias'], dy.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+  want_dx = np.zeros(x.shape)
+  want_dx[:, ::strides, ::strides] = dy @ w.T
+  np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1x1_as_matmul_is_on_for_the_recipes_and_off_for_the_demo():
+  assert coco_stuff_r50.get_config().model.conv1x1_as_matmul
+  assert not shapesworld.get_config().model.conv1x1_as_matmul
+
+
 def test_resize_nearest_follows_pytorch_rule():
   x = jnp.arange(2 * 3 * 1, dtype=jnp.float32).reshape(1, 2, 3, 1)
   got = np.asarray(pixel_decoder.resize_nearest(x, (4, 7)))[0, ..., 0]

@@ -47,9 +47,12 @@ def test_launch_benchmarks_writes_the_table(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, CONFIGS='configs/shapesworld.py:zegclip,smoke', STEPS='1',
-             IMAGES='1', ONE_PASS_CONFIG='', PYTHON=sys.executable, JAX_PLATFORMS='cpu',
-             INFER_ARGS='--size 128 --num_classes 32 --num_seen 26', PYTHONPATH=root)
+  small = '--config.model.decoder.num_layers=1 '
+  env = dict(os.environ, CONFIGS='configs/shapesworld.py:smoke', STEPS='1', IMAGES='1',
+             ONE_PASS_CONFIG='', PYTHON=sys.executable, JAX_PLATFORMS='cpu', PYTHONPATH=root,
+             STEP_ARGS=small + '--config.input.global_batch_size=2',
+             INFER_ARGS=small + '--config.eval.variant=seg --size 64 --num_classes 32 '
+             '--num_seen 26')
   r = subprocess.run(['bash', 'launch/benchmarks.sh', str(tmp_path / 'out'), '2', '4'],
                      cwd=root, env=env, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]

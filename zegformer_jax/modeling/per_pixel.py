@@ -69,7 +69,8 @@ class PerPixelSegmenter(nn.Module):
     _, mask_features = resnet_fpn(cfg, images, dtype)
     if self.head == 'text':
       emb = Conv2d(text_embeddings.shape[-1], 1, use_bias=True, kernel_init=c2_msra_fill,
-                   dtype=dtype, name='projection')(mask_features)
+                   conv1x1_as_matmul=bool(cfg.get('conv1x1_as_matmul', False)), dtype=dtype,
+                   name='projection')(mask_features)
       logits = pixel_text_logits(emb, text_embeddings, 1.0 / cfg.temperature)
     elif self.head == 'learned':
       logits = nn.Dense(text_embeddings.shape[0], dtype=dtype, name='classifier')(

@@ -54,6 +54,7 @@ class BasePixelDecoder(nn.Module):
   conv_dim: int = 256
   mask_dim: int = 256
   gn_groups: int = 32
+  conv1x1_as_matmul: bool = False   # the lateral 1x1 convs (resnet.Conv2d)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -64,7 +65,8 @@ class BasePixelDecoder(nn.Module):
       mask features [B, H/4, W/4, mask_dim].
     """
     conv = lambda *a, **kw: Conv2d(*a, kernel_init=c2_xavier_fill, gn_groups=self.gn_groups,
-                                   dtype=self.dtype, **kw)
+                                   conv1x1_as_matmul=self.conv1x1_as_matmul, dtype=self.dtype,
+                                   **kw)
     y = conv(self.conv_dim, 3, norm='GN', activation=True, name='layer_4')(features['res5'])
     for idx, level in ((3, 'res4'), (2, 'res3'), (1, 'res2')):
       lateral = conv(self.conv_dim, 1, norm='GN', name=f'adapter_{idx}')(features[level])
@@ -87,13 +89,15 @@ def resnet_fpn(cfg, images: jax.Array, dtype: Any) -> Tuple[Dict[str, jax.Array]
   Returns:
     (features {'res2'..'res5'}, mask features [B, H/4, W/4, mask_dim]).
   """
+  matmul = bool(cfg.get('conv1x1_as_matmul', False))
   features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
                     stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
                     norm=cfg.backbone.get('norm', 'FrozenBN'),
                     gn_groups=cfg.backbone.get('gn_groups', 32),
-                    freeze_at=cfg.backbone.get('freeze_at', 0),
+                    freeze_at=cfg.backbone.get('freeze_at', 0), conv1x1_as_matmul=matmul,
                     dtype=dtype, name='backbone')(images)
   mask_features = BasePixelDecoder(
       conv_dim=cfg.pixel_decoder.conv_dim, mask_dim=cfg.pixel_decoder.mask_dim,
-      gn_groups=cfg.pixel_decoder.gn_groups, dtype=dtype, name='pixel_decoder')(features)
+      gn_groups=cfg.pixel_decoder.gn_groups, conv1x1_as_matmul=matmul, dtype=dtype,
+      name='pixel_decoder')(features)
   return features, mask_features

@@ -86,6 +86,11 @@ class Conv2d(nn.Module):
     norm: '' (none), 'FrozenBN' or 'GN' (GroupNorm with `gn_groups` groups, eps 1e-5).
     activation: apply ReLU after the norm.
     kernel_init: kernel initialiser (detectron2 default: c2_msra_fill).
+    conv1x1_as_matmul: run a 1x1 convolution as one [B*H*W, Cin] x [Cin, Cout] matmul
+      (config.model.conv1x1_as_matmul). The output is the same; the filter gradient becomes
+      x^T dy, which XLA:CPU otherwise computes as a convolution whose window is the whole
+      feature map, 2-7x slower (BENCHMARKS.md, train step). Its rounding differs from that
+      convolution's, so a run's numbers change in the last bits.
   """
   features: int
   kernel_size: int
@@ -95,6 +100,7 @@ class Conv2d(nn.Module):
   gn_groups: int = 32
   activation: bool = False
   kernel_init: Initializer = c2_msra_fill
+  conv1x1_as_matmul: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -103,10 +109,13 @@ class Conv2d(nn.Module):
     k, p = self.kernel_size, self.kernel_size // 2
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if k == 1 and self.conv1x1_as_matmul:
+      y = _matmul_1x1(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x.astype(self.dtype), kernel.astype(self.dtype),
+          window_strides=(self.strides, self.strides), padding=((p, p), (p, p)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(self.dtype)
@@ -125,6 +134,15 @@ class Conv2d(nn.Module):
     if self.activation:
       y = nn.relu(y)
     return y
+
+
+def _matmul_1x1(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  """A 1x1 convolution with stride s as a 2-D matmul: x [B, H, W, Cin], kernel
+  [1, 1, Cin, Cout] -> [B, ceil(H / s), ceil(W / s), Cout]."""
+  x = x[:, ::strides, ::strides]
+  b, h, w, c = x.shape
+  y = jax.lax.dot_general(x.reshape(b * h * w, c), kernel[0, 0], (((1,), (0,)), ((), ())))
+  return y.reshape(b, h, w, -1)
 
 
 class BasicStem(nn.Module):
@@ -160,12 +178,14 @@ class BottleneckBlock(nn.Module):
   strides: int = 1
   norm: str = 'FrozenBN'
   gn_groups: int = 32
+  conv1x1_as_matmul: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
     conv = lambda *a, **kw: Conv2d(*a, norm=self.norm, gn_groups=self.gn_groups,
+                                   conv1x1_as_matmul=self.conv1x1_as_matmul,
                                    dtype=self.dtype, **kw)
     shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.bottleneck_features, 1, activation=True, name='conv1')(x)
@@ -181,12 +201,14 @@ class BasicBlock(nn.Module):
   strides: int = 1
   norm: str = 'FrozenBN'
   gn_groups: int = 32
+  conv1x1_as_matmul: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, Cin] -> [B, H/s, W/s, features]."""
     conv = lambda *a, **kw: Conv2d(*a, norm=self.norm, gn_groups=self.gn_groups,
+                                   conv1x1_as_matmul=self.conv1x1_as_matmul,
                                    dtype=self.dtype, **kw)
     shortcut = _shortcut(conv, x, self.features, self.strides)
     y = conv(self.features, 3, strides=self.strides, activation=True, name='conv1')(x)
@@ -208,6 +230,7 @@ class ResNet(nn.Module):
       statistics; backbone_pretrain only).
     freeze_at: detectron2's FREEZE_AT: 0 trains everything, 1 stops gradients after the
       stem, k >= 2 after res{k}.
+    conv1x1_as_matmul: see Conv2d.
   """
   block_counts: Sequence[int] = (3, 4, 6, 3)
   stem_width: int = 64
@@ -215,6 +238,7 @@ class ResNet(nn.Module):
   norm: str = 'FrozenBN'
   gn_groups: int = 32
   freeze_at: int = 0
+  conv1x1_as_matmul: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -227,6 +251,7 @@ class ResNet(nn.Module):
     """
     kw = dict(norm=self.norm, gn_groups=self.gn_groups, dtype=self.dtype)
     x = BasicStem(self.stem_width, name='stem', **kw)(x)
+    kw['conv1x1_as_matmul'] = self.conv1x1_as_matmul
     # detectron2's BACKBONE.FREEZE_AT: no gradient reaches the stem (>= 1) and res2..res{k}
     # (k = freeze_at), so the backward pass skips them; optim.make_optimizer gives their
     # parameters a zero multiplier, so weight decay does not move them either.

@@ -129,6 +129,7 @@ class ZegFormer(nn.Module):
     in_feature = mask_features if in_name == 'pixel_embedding' else features[in_name]
     b, h, w, _ = in_feature.shape
     memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
+                    conv1x1_as_matmul=bool(cfg.get('conv1x1_as_matmul', False)),
                     name='input_proj')(in_feature).reshape(b, h * w, hidden)
     pos = position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden).astype(dtype)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
