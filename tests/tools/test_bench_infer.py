@@ -50,7 +50,7 @@ def test_launch_benchmarks_writes_the_table(tmp_path):
   small = '--config.model.decoder.num_layers=1 '
   env = dict(os.environ, CONFIGS='configs/shapesworld.py:smoke', STEPS='1', IMAGES='1',
              ONE_PASS_CONFIG='', PYTHON=sys.executable, JAX_PLATFORMS='cpu', PYTHONPATH=root,
-             STEP_ARGS=small + '--config.input.global_batch_size=2',
+             STEP_ARGS=small,
              INFER_ARGS=small + '--config.eval.variant=seg --size 64 --num_classes 32 '
              '--num_seen 26')
   r = subprocess.run(['bash', 'launch/benchmarks.sh', str(tmp_path / 'out'), '2', '4'],
