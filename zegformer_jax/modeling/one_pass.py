@@ -89,31 +89,6 @@ class _MaskedEncoderLayer(nn.Module):
         nn.LayerNorm(epsilon=eps, dtype=self.dtype, name='layer_norm2')(x))
 
 
-class _Layers(nn.Module):
-  config: Any
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    self.layers = [_MaskedEncoderLayer(self.config, self.dtype, name=str(i))
-                   for i in range(self.config.num_hidden_layers)]
-
-  def __call__(self, x, masks):
-    for layer, mask in zip(self.layers, masks):
-      x = layer(x, mask)
-    return x
-
-
-class _Encoder(nn.Module):
-  config: Any
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    self.layers = _Layers(self.config, self.dtype)
-
-  def __call__(self, x, masks):
-    return self.layers(x, masks)
-
-
 class MaskQueryCLIP(nn.Module):
   """CLIP's image encoder with one mask query per segment: segment embeddings in one pass.
 
@@ -147,7 +122,11 @@ class MaskQueryCLIP(nn.Module):
     masked = attention_mask(covered, num_prefix=1)
     open_ = attention_mask(jnp.ones_like(covered), num_prefix=1)
     masks = [open_ if i < self.mask_from else masked for i in range(cfg.num_hidden_layers)]
-    x = _Encoder(cfg, self.dtype, name='encoder')(x, masks)[:, -q:]
+    encoder = prompted_vit.CLIPEncoderLayers(cfg, _MaskedEncoderLayer, self.dtype,
+                                             name='encoder')
+    for i, mask in enumerate(masks):
+      x = encoder(i, x, mask)
+    x = x[:, -q:]
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='post_layernorm')(x)
     x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
                  name='visual_projection')(x).astype(jnp.float32)

@@ -115,28 +115,31 @@ class VisionEmbeddings(nn.Module):
 
 
 class _LayerStack(nn.Module):
-  """encoder/layers/<i>: transformers' FlaxCLIPEncoderLayer, one per CLIP layer."""
   config: Any
+  layer: Any
   dtype: Any = jnp.float32
 
   def setup(self):
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPEncoderLayer
-    self.layers = [FlaxCLIPEncoderLayer(self.config, dtype=self.dtype, name=str(i))
+    self.layers = [self.layer(self.config, dtype=self.dtype, name=str(i))
                    for i in range(self.config.num_hidden_layers)]
 
-  def __call__(self, i: int, x):
-    return self.layers[i](x, None, deterministic=True)[0]
+  def __call__(self, i: int, *args, **kwargs):
+    return self.layers[i](*args, **kwargs)
 
 
-class _Encoder(nn.Module):
+class CLIPEncoderLayers(nn.Module):
+  """CLIP's encoder/layers/<i> parameter tree with one `layer` module per CLIP layer
+  (`layer(config, dtype=, name=)`: transformers' FlaxCLIPEncoderLayer here, one_pass's
+  masked layer there); `encoder(i, ...)` runs layer i on the rest of the arguments."""
   config: Any
+  layer: Any
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.layers = _LayerStack(self.config, self.dtype)
+    self.layers = _LayerStack(self.config, self.layer, self.dtype)
 
-  def __call__(self, i: int, x):
-    return self.layers(i, x)
+  def __call__(self, i: int, *args, **kwargs):
+    return self.layers(i, *args, **kwargs)
 
 
 class PromptedCLIPVisionEncoder(nn.Module):
@@ -198,14 +201,15 @@ class PromptedCLIPVisionEncoder(nn.Module):
                          kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
                          bias_init=nn.initializers.zeros)(prompts)
       prompts = nn.Dropout(self.prompt_dropout)(prompts, deterministic=deterministic)
-    encoder = _Encoder(cfg, self.dtype, name='encoder')
+    from transformers.models.clip.modeling_flax_clip import FlaxCLIPEncoderLayer
+    encoder = CLIPEncoderLayers(cfg, FlaxCLIPEncoderLayer, self.dtype, name='encoder')
     b = x.shape[0]
     layers = []
     for i in range(num_layers):
       if prompted and i < self.prompt_depth:   # [CLS, prompts_i, patches]: replace layer i-1's
         x = jnp.concatenate([x[:, :1], jnp.broadcast_to(prompts[i].astype(x.dtype), (b, n, d)),
                              x[:, -h * w:]], axis=1)
-      x = encoder(i, x)
+      x = encoder(i, x, None, deterministic=True)[0]
       if i in self.out_indices:
         layers.append(x[:, -h * w:].reshape(b, h, w, d))
     if prompted:
