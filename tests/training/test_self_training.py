@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 import cli_runs
+from configs import shapesworld
 from zegformer_jax.data import input_pipeline
 from zegformer_jax.data import tfrecord
+from zegformer_jax.modeling import methods
 from zegformer_jax.projects.shapesworld import world
 from zegformer_jax.training import self_training
 
@@ -93,3 +95,11 @@ def test_self_training_run_through_main(tmp_path, smoke_resources, compile_cache
   assert len(m['per_class']) == 32
   assert json.load(open(os.path.join(target, 'config.json')))['self_training'][
       'source_workdir'] == source
+
+
+def test_a_method_with_class_sized_params_is_refused(tmp_path):
+  config = shapesworld.get_config('zs3net,smoke')
+  with pytest.raises(ValueError, match="method 'zs3net' has class-sized params"):
+    self_training.make_pseudo_labelled_data(config, str(tmp_path))
+  assert [methods.has_class_sized_params(shapesworld.get_config(m).model)
+          for m in methods.METHODS] == [False, False, True, False]

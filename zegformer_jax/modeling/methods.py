@@ -53,6 +53,12 @@ def has_segments(model_config) -> bool:
   return method_name(model_config) == 'zegformer'
 
 
+def has_class_sized_params(model_config) -> bool:
+  """Whether parameters have a class axis (ZS3Net's classifier, fitted to the seen classes
+  and generated unseen features): the others score any class list by its text embeddings."""
+  return method_name(model_config) == 'zs3net'
+
+
 def variants(model_config) -> tuple:
   """The evaluation variants the method has."""
   return ('seg', 'img', 'full') if has_segments(model_config) else ('seg',)

@@ -89,7 +89,7 @@ def make_pseudo_labelled_data(config, workdir: str) -> str:
   if os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
     return out_dir
   st = config.self_training
-  if not methods.method_name(config.model) in ('zegformer', 'spnet_fpn', 'zegclip'):
+  if methods.has_class_sized_params(config.model):
     raise ValueError(f'self-training continues from the source weights with more classes; '
                      f'method {methods.method_name(config.model)!r} has class-sized params')
   source = st.source_workdir
