@@ -8,7 +8,8 @@
 # count, MFU for the peaks given) and OUT_DIR/table.md. Environment: STEP_ARGS (extra
 # bench_step flags, e.g. "--config.input.global_batch_size=8"), INFER_ARGS, STEPS (default
 # 20), IMAGES (default 5), CONFIGS (default: the COCO-Stuff configs of every method),
-# ONE_PASS_CONFIG (default configs/coco_stuff_r50.py; empty: skip the one-pass row).
+# ONE_PASS_CONFIG (default configs/coco_stuff_r50.py; empty: skip the one-pass row),
+# DTYPES (default "float32 bfloat16").
 # H100/H200 dense peaks: 67 (float32, no TF32) and 989 (bfloat16) TFLOP/s.
 set -euo pipefail
 out=${1:?usage: launch/benchmarks.sh OUT_DIR [PEAK_TFLOPS_F32] [PEAK_TFLOPS_BF16]}
@@ -22,7 +23,7 @@ mkdir -p "$out"
 results="$out/results.jsonl"
 : > "$results"
 for config in $configs; do
-  for dtype in float32 bfloat16; do
+  for dtype in ${DTYPES:-float32 bfloat16}; do
     peak=$peak_f32; [ "$dtype" = bfloat16 ] && peak=$peak_bf16
     echo "== $config $dtype" >&2
     "$py" -m zegformer_jax.tools.bench_step --config "$config" --config.model.dtype=$dtype \
