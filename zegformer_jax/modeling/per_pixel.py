@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from zegformer_jax.modeling.inference import upsample_bilinear
+from zegformer_jax.modeling.pixel_decoder import conv1x1_as_matmul
 from zegformer_jax.modeling.pixel_decoder import resnet_fpn
 from zegformer_jax.modeling.resnet import Conv2d, c2_msra_fill
 from zegformer_jax.modeling.zegformer import l2_normalize
@@ -69,7 +70,7 @@ class PerPixelSegmenter(nn.Module):
     _, mask_features = resnet_fpn(cfg, images, dtype)
     if self.head == 'text':
       emb = Conv2d(text_embeddings.shape[-1], 1, use_bias=True, kernel_init=c2_msra_fill,
-                   conv1x1_as_matmul=bool(cfg.get('conv1x1_as_matmul', False)), dtype=dtype,
+                   conv1x1_as_matmul=conv1x1_as_matmul(cfg), dtype=dtype,
                    name='projection')(mask_features)
       logits = pixel_text_logits(emb, text_embeddings, 1.0 / cfg.temperature)
     elif self.head == 'learned':

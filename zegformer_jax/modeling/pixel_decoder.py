@@ -75,6 +75,11 @@ class BasePixelDecoder(nn.Module):
     return conv(self.mask_dim, 3, use_bias=True, name='mask_features')(y)
 
 
+def conv1x1_as_matmul(cfg) -> bool:
+  """config.model.conv1x1_as_matmul (resnet.Conv2d); False for configs saved before it."""
+  return bool(cfg.get('conv1x1_as_matmul', False))
+
+
 def resnet_fpn(cfg, images: jax.Array, dtype: Any) -> Tuple[Dict[str, jax.Array], jax.Array]:
   """The backbone and pixel decoder every method shares, as submodules of the caller.
 
@@ -89,7 +94,7 @@ def resnet_fpn(cfg, images: jax.Array, dtype: Any) -> Tuple[Dict[str, jax.Array]
   Returns:
     (features {'res2'..'res5'}, mask features [B, H/4, W/4, mask_dim]).
   """
-  matmul = bool(cfg.get('conv1x1_as_matmul', False))
+  matmul = conv1x1_as_matmul(cfg)
   features = ResNet(block_counts=tuple(cfg.backbone.block_counts),
                     stem_width=cfg.backbone.stem_width, bottleneck=cfg.backbone.bottleneck,
                     norm=cfg.backbone.get('norm', 'FrozenBN'),

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from zegformer_jax.modeling.pixel_decoder import conv1x1_as_matmul
 from zegformer_jax.modeling.pixel_decoder import resnet_fpn
 from zegformer_jax.modeling.resnet import Conv2d, c2_xavier_fill
 from zegformer_jax.modeling.transformer import TransformerDecoder
@@ -129,7 +130,7 @@ class ZegFormer(nn.Module):
     in_feature = mask_features if in_name == 'pixel_embedding' else features[in_name]
     b, h, w, _ = in_feature.shape
     memory = Conv2d(hidden, 1, use_bias=True, kernel_init=c2_xavier_fill, dtype=dtype,
-                    conv1x1_as_matmul=bool(cfg.get('conv1x1_as_matmul', False)),
+                    conv1x1_as_matmul=conv1x1_as_matmul(cfg),
                     name='input_proj')(in_feature).reshape(b, h * w, hidden)
     pos = position_embedding_sine(h, w, hidden // 2).reshape(1, h * w, hidden).astype(dtype)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
