@@ -13,7 +13,7 @@ def test_synthetic_batches_are_consistent_targets():
   b, size, m = config.input.global_batch_size, config.input.crop_size, config.input.max_masks
   counts = set()
   for batch in batches:
-    assert batch['image'].shape == (b, size, size, 3)
+    assert batch['image'].shape == (b, size, size, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (b, size, size)
     assert batch['target_classes'].shape == batch['target_valid'].shape == (b, m)
     masks = np.asarray(criterion.masks_from_label(batch['label'], batch['target_classes'],

@@ -60,7 +60,8 @@ def synthetic_batches(config, num_classes: int, n: int, seed: int = 0, regions=N
     raise ValueError(f'regions {lo},{hi}: need 1 <= lo <= hi <= min(max_masks, classes)')
   batches = []
   for _ in range(n):
-    image = rng.uniform(0, 255, (b, size, size, 3)).astype(np.float32)
+    # uint8, as the input pipeline's train batches (the step normalises on device).
+    image = rng.uniform(0, 256, (b, size, size, 3)).astype(np.uint8)
     classes = np.zeros((b, m), np.int32)
     valid = np.zeros((b, m), bool)
     label = np.empty((b, size, size), np.int32)
