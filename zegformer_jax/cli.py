@@ -125,6 +125,7 @@ def run(main: Callable, argv=None) -> None:
 
   def guarded(args):
     try:
+      apply_xla_cpu_flags()
       return main(args)
     except Exception as e:  # pylint: disable=broad-except  (re-raised unless a user error)
       if debug_requested() or not is_user_error(e):
@@ -134,6 +135,36 @@ def run(main: Callable, argv=None) -> None:
   std_logging.getLogger('absl').setLevel(std_logging.INFO)
   quiet_libraries()
   app.run(guarded, argv=argv, flags_parser=parse_flags)
+
+
+def merged_xla_flags(current: str, extra: str) -> str:
+  """XLA_FLAGS `current` plus the flags of `extra` whose names it does not set (the user's
+  environment wins a conflict)."""
+  name = lambda flag: flag.split('=', 1)[0]
+  have = {name(f) for f in current.split()}
+  added = [f for f in extra.split() if name(f) not in have]
+  return ' '.join(current.split() + added)
+
+
+def apply_xla_cpu_flags() -> None:
+  """Puts the config's `xla_cpu_flags` into XLA_FLAGS before the program compiles anything.
+
+  XLA reads XLA_FLAGS when its first computation compiles, so this runs before `main`; a
+  process that has compiled already (a Python caller) is told that the flags come too late.
+  The flags are XLA:CPU options (configs/common.py says which and why); other backends
+  ignore them.
+  """
+  if 'config' not in flags.FLAGS or flags.FLAGS.config is None:
+    return
+  extra = flags.FLAGS.config.get('xla_cpu_flags', '')
+  if not extra:
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top  (only when asked)
+  if xla_bridge.backends_are_initialized():
+    std_logging.getLogger(__name__).warning(
+        'config.xla_cpu_flags %r not applied: JAX has compiled already in this process', extra)
+    return
+  os.environ['XLA_FLAGS'] = merged_xla_flags(os.environ.get('XLA_FLAGS', ''), extra)
 
 
 # ------------------------------------------------------------------------ console output

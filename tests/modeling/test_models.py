@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -234,6 +235,47 @@ def test_conv1x1_as_matmul_matches_numpy_and_the_convolution(strides, hw):
 def test_conv1x1_as_matmul_is_on_for_the_recipes_and_off_for_the_demo():
   assert coco_stuff_r50.get_config().model.conv1x1_as_matmul
   assert not shapesworld.get_config().model.conv1x1_as_matmul
+
+
+def _max_pool_oracle(x, dy):
+  """F.max_pool2d(x, 3, 2, 1) and its gradient by loops: each window's gradient goes to
+  its first maximum in row-major order, windows added in row-major order."""
+  b, h, w, c = x.shape
+  ho, wo = dy.shape[1:3]
+  y = np.zeros(dy.shape, x.dtype)
+  dx = np.zeros(x.shape, x.dtype)
+  for n in range(b):
+    for ch in range(c):
+      for i in range(ho):
+        for j in range(wo):
+          best, at = -np.inf, None
+          for ky in range(3):
+            for kx in range(3):
+              r, q = 2 * i + ky - 1, 2 * j + kx - 1
+              if 0 <= r < h and 0 <= q < w and x[n, r, q, ch] > best:
+                best, at = x[n, r, q, ch], (r, q)
+          y[n, i, j, ch] = best
+          dx[n, at[0], at[1], ch] += dy[n, i, j, ch]
+  return y, dx
+
+
+@pytest.mark.parametrize('hw', [(8, 8), (9, 6), (5, 7)])
+def test_stem_max_pool_and_its_gradient_match_loops_and_nn_max_pool(hw):
+  """The stem's max-pool against loops (ties go to the first maximum: integer values after a
+  ReLU tie often) and bit for bit against nn.max_pool's value and gradient."""
+  rng = np.random.default_rng(hw[0] * 10 + hw[1])
+  x = np.maximum(rng.integers(-3, 4, size=(2, *hw, 3)), 0).astype(np.float32)
+  x[1] += rng.normal(size=x[1].shape).astype(np.float32)           # and one without ties
+  y, vjp = jax.vjp(resnet.max_pool_3x3_s2, jnp.asarray(x))
+  dy = rng.normal(size=y.shape).astype(np.float32)
+  (dx,) = vjp(jnp.asarray(dy))
+  want_y, want_dx = _max_pool_oracle(x, dy)
+  np.testing.assert_array_equal(y, want_y)
+  np.testing.assert_array_equal(dx, want_dx)
+  ref = lambda v: nn.max_pool(v, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  ref_y, ref_vjp = jax.vjp(ref, jnp.asarray(x))
+  np.testing.assert_array_equal(y, ref_y)
+  np.testing.assert_array_equal(dx, ref_vjp(jnp.asarray(dy))[0])
 
 
 def test_resize_nearest_follows_pytorch_rule():

@@ -121,3 +121,44 @@ def test_freeze_at_stops_every_update_of_the_frozen_stages():
   assert d['backbone/res2_0/conv1/kernel'] == (0.0, True)
   assert d['backbone/res3_0/conv1/kernel'] == (0.1, True)
   assert optim.is_frozen('backbone/res12_0/conv1/kernel', 2) is False
+
+
+def test_scale_by_adam_is_optax_bit_for_bit_and_keeps_its_state_when_not_applied():
+  params = _params()
+  rng = np.random.default_rng(2)
+  grads_seq = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32),
+                            params) for _ in range(4)]
+  ours = jax.jit(lambda g, s, p, a: optim.scale_by_adam(0.9, 0.999, 1e-8).update(g, s, p, apply=a))
+  ref = optax.scale_by_adam(0.9, 0.999, 1e-8)
+  s_ours = s_ref = ref.init(params)
+  ref_update = jax.jit(ref.update)   # both compiled, as the train step is
+  for i, g in enumerate(grads_seq):
+    u_ref, new_ref = ref_update(g, s_ref, params)
+    if i == 2:   # a step not applied: the state is what it was (the update is not used)
+      _, kept = ours(g, s_ours, params, jnp.asarray(False))
+      for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(s_ours)):
+        np.testing.assert_array_equal(a, b)
+      continue
+    u_ours, s_ours = ours(g, s_ours, params, jnp.asarray(True))
+    s_ref = new_ref
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref))):
+      np.testing.assert_array_equal(a, b)
+  assert int(s_ours.count) == 3
+
+
+def test_update_with_donated_state_copies_no_moment():
+  """The optimiser's moments are updated in place: the compiled step copies none of them
+  (optim.scale_by_adam: with the guard outside the optimiser XLA copied every one)."""
+  cfg = common.base_config().optim
+  params = _params()
+  opt = optim.make_optimizer(cfg, 10, params)
+
+  def step(p, s, g):
+    finite = jnp.isfinite(optax.tree.norm(g))
+    u, s = opt.update(g, s, p, apply=finite)
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), optax.apply_updates(p, u), p), s
+
+  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt.init(params), params).compile().as_text()
+  copied = [line for line in text.splitlines() if ' copy(' in line and ('mu' in line or 'nu' in line)]
+  assert not copied, copied[:3]

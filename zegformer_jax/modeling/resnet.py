@@ -157,8 +157,72 @@ class BasicStem(nn.Module):
     """x: [B, H, W, 3] -> [B, H/4, W/4, features]."""
     x = Conv2d(self.features, 7, strides=2, norm=self.norm, gn_groups=self.gn_groups,
                activation=True, dtype=self.dtype, name='conv1')(x)
-    # Max-pool pads with -inf, as F.max_pool2d does.
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool_3x3_s2(x)
+
+
+def _pool_size(n: int) -> int:
+  """Output length of a 3-wide, stride-2 window over n positions padded by 1 each side."""
+  return (n - 1) // 2 + 1
+
+
+def _pool_taps(x: jax.Array):
+  """The 9 window taps of a 3x3/2 max-pool with padding 1: (ky, kx, x[:, 2i+ky-1, 2j+kx-1])
+  in the window's row-major order, each [B, Ho, Wo, C]; the padding is -inf, as
+  F.max_pool2d pads."""
+  b, h, w, c = x.shape
+  ho, wo = _pool_size(h), _pool_size(w)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  for ky in range(3):
+    for kx in range(3):
+      yield ky, kx, jax.lax.slice(xp, (0, ky, kx, 0),
+                                  (b, ky + 2 * (ho - 1) + 1, kx + 2 * (wo - 1) + 1, c),
+                                  (1, 2, 2, 1))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """The stem's 3x3 stride-2 max-pool with padding 1 (F.max_pool2d(x, 3, 2, 1)).
+
+  x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C]. Values and gradients are those of
+  `nn.max_pool` bit for bit (tests/test_resnet.py); the gradient is written out as 9
+  strided taps because XLA:CPU lowers the generic one (select-and-scatter) to a
+  reduce-window over index arrays that is 10x slower here (BENCHMARKS.md, train step).
+  """
+  return _max_pool_fwd(x)[0]
+
+
+def _max_pool_fwd(x):
+  y = None
+  for _, _, tap in _pool_taps(x):
+    y = tap if y is None else jnp.maximum(y, tap)
+  return y, (x, y)
+
+
+def _max_pool_bwd(residuals, dy):
+  """Each window's gradient goes to its first maximum in row-major order (ties: the
+  first, as PyTorch and XLA's select-and-scatter choose). Overlapping windows add up in
+  the order of the windows, as select-and-scatter adds them, so the sum rounds the same:
+  the taps run backwards because a later window reaches a position through an earlier tap."""
+  x, y = residuals
+  h, w = x.shape[1:3]
+  ho, wo = y.shape[1:3]
+  taken = jnp.zeros(y.shape, bool)
+  routed = []
+  for ky, kx, tap in _pool_taps(x):
+    hit = (tap == y) & ~taken
+    taken = taken | hit
+    routed.append((ky, kx, jnp.where(hit, dy, jnp.zeros_like(dy))))
+  dx = jnp.zeros_like(x)
+  zero = jnp.zeros((), dy.dtype)
+  for ky, kx, g in routed[::-1]:
+    # Tap (ky, kx) of window (i, j) is input position (2i + ky - 1, 2j + kx - 1): an
+    # interior-padded (dilated) copy of g shifted by ky - 1 (negative padding crops).
+    dx = dx + jax.lax.pad(g, zero, ((0, 0, 0), (ky - 1, h - 2 * ho - ky + 2, 1),
+                                    (kx - 1, w - 2 * wo - kx + 2, 1), (0, 0, 0)))
+  return (dx,)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _shortcut(conv, x: jax.Array, features: int, strides: int) -> jax.Array:

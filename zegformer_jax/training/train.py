@@ -95,18 +95,18 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), state['step'])
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'], state['frozen'], batch, text_embeddings, step_rng, state['step'])
-    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
     metrics = dict(terms)
     metrics['loss'] = loss
     metrics['grad_norm'] = optax.tree.norm(grads)
     metrics['lr'] = schedule(state['step'])
     # Numerics guard: a step whose loss or gradient is not finite leaves params and
-    # optimiser state untouched; the host sees `nonfinite` and stops before saving.
+    # optimiser state untouched; the host sees `nonfinite` and stops before saving. The
+    # optimiser keeps its own state (optim.scale_by_adam says why it is not done here).
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
-    params, opt_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        (params, opt_state), (state['params'], state['opt_state']))
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'],
+                                          apply=finite)
+    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          optax.apply_updates(state['params'], updates), state['params'])
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
