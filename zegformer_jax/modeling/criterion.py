@@ -136,7 +136,11 @@ def _layer_losses(pred_logits, pred_masks, targets, q2t, loss_cfg, num_masks):
   # ---- masks: gather the matched prediction of each target (static shapes).
   t2q, matched_t = matching.target_to_query(q2t, m)                  # [L,B,M]
   use = matched_t & tgt_valid[None]
-  src = jnp.take_along_axis(pred_masks, t2q[..., None, None], axis=2)
+  # The gather as a one-hot matmul: the same values (one term per target), but its
+  # gradient is a matmul too, where take_along_axis's is a scatter into zeros of the
+  # whole [L, B, Q, h, w] (13 ms of thread time a step at COCO R-50 on 2 CPU cores).
+  select = (t2q[..., None] == jnp.arange(q)).astype(pred_masks.dtype)  # [L,B,M,Q]
+  src = jnp.einsum('lbmq,lbqhw->lbmhw', select, pred_masks)
   src = inference.upsample_bilinear(src, (big_h, big_w))                       # [L,B,M,H,W]
   src = src.reshape(num_layers, b, m, -1)
   tgt = tgt_masks.astype(jnp.float32).reshape(1, b, m, -1)
