@@ -30,8 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   # XLA:CPU options, put into XLA_FLAGS before anything compiles (cli.apply_xla_cpu_flags;
   # the environment's own XLA_FLAGS win). XLA:CPU hands convolutions and matmuls to YNNPACK
   # by default, whose 3x3 filter gradient at 64 x 64 x 256 takes 62 ms against 35 ms for
-  # XLA's own (Eigen) kernel on the 2-core machine; off for both, the COCO-Stuff R-50 train
-  # step is ~8 % faster (BENCHMARKS.md). Rounding differs, so the demo keeps the default ('').
+  # XLA's own (Eigen) kernel on the 2-core machine; the COCO-Stuff R-50 train step gained
+  # 8 % in one interleaved run and stayed within the machine's noise in another
+  # (BENCHMARKS.md). Rounding differs, so the demo keeps the default ('').
   c.xla_cpu_flags = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-dot'
 
   # ---------------------------------------------------------------- dataset

@@ -184,7 +184,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """The stem's 3x3 stride-2 max-pool with padding 1 (F.max_pool2d(x, 3, 2, 1)).
 
   x: [B, H, W, C] -> [B, ceil(H / 2), ceil(W / 2), C]. Values and gradients are those of
-  `nn.max_pool` bit for bit (tests/test_resnet.py); the gradient is written out as 9
+  `nn.max_pool` bit for bit (tests/modeling/test_models.py); the gradient is written out as 9
   strided taps because XLA:CPU lowers the generic one (select-and-scatter) to a
   reduce-window over index arrays that is 10x slower here (BENCHMARKS.md, train step).
   """

@@ -104,8 +104,9 @@ def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _keep(apply, new, old):
-  """`new` where the scalar `apply` is True, else `old`, leaf by leaf."""
+def keep_where(apply, new, old):
+  """`new` where the scalar `apply` is True, else `old`, leaf by leaf (the train step's
+  guard against a non-finite step, for the optimiser's state and the parameters)."""
   return jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
 
 
@@ -126,11 +127,11 @@ def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformat
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count = optax.safe_increment(state.count)
-    mu, nu = jax.lax.optimization_barrier(_keep(apply, (mu, nu), (state.mu, state.nu)))
+    mu, nu = jax.lax.optimization_barrier(keep_where(apply, (mu, nu), (state.mu, state.nu)))
     mu_hat = optax.tree.bias_correction(mu, b1, count)
     nu_hat = optax.tree.bias_correction(nu, b2, count)
     updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu_hat, nu_hat)
-    return updates, optax.ScaleByAdamState(count=_keep(apply, count, state.count), mu=mu,
+    return updates, optax.ScaleByAdamState(count=keep_where(apply, count, state.count), mu=mu,
                                            nu=nu)
 
   return optax.GradientTransformationExtraArgs(base.init, update_fn)
@@ -142,7 +143,7 @@ def keep_state_unless_applied(inner: optax.GradientTransformation
 
   def update_fn(updates, state, params=None, *, apply=True, **unused_extra_args):
     updates, new_state = inner.update(updates, state, params)
-    return updates, _keep(apply, new_state, state)
+    return updates, keep_where(apply, new_state, state)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 

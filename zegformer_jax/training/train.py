@@ -105,8 +105,8 @@ def make_train_step(config, model, optimizer, mesh, state_sharding):
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'],
                                           apply=finite)
-    params = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                          optax.apply_updates(state['params'], updates), state['params'])
+    params = optim.keep_where(finite, optax.apply_updates(state['params'], updates),
+                              state['params'])
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
