@@ -191,6 +191,14 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only, read_only=read_only),
         # Handlers named up front so metadata can be read before any save in this process.
         item_handlers={'state': _state_handler(), 'data': self._data_handler})
+    # A writing manager lists the directory for unfinished saves in a background thread
+    # and reports what it met at the first save. Waiting here settles the directory before
+    # the caller touches it, and a failure of that scan names the directory now, once.
+    # (orbax has no public call for it; without the hook the first save waits as before.)
+    await_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
+    if await_cleanup is not None:
+      with metric_writers.writing(self.directory):
+        await_cleanup()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
