@@ -172,6 +172,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.debug_nan_step = 0
 
   # ---------------------------------------------------------------- evaluation
+  # Mask-aware fine-tuning of CLIP's image encoder for the one-pass image branch (MAFT's
+  # IP-CLIP training, training/mask_aware.py; `--mode mask_aware`): MAFT's COCO-Stuff solver
+  # (mask2former_maft.yaml: AdamW, lr 1e-5, poly, 1000 iterations of 16 images, clipping
+  # 0.01) and its self-distillation weight 0.1.
+  c.mask_aware = ml_collections.ConfigDict()
+  c.mask_aware.steps = 1000
+  c.mask_aware.batch_size = 16
+  c.mask_aware.lr = 1e-5
+  c.mask_aware.weight_decay = 1e-4          # LayerNorms 0
+  c.mask_aware.poly_power = 0.9
+  c.mask_aware.clip_norm = 0.01
+  c.mask_aware.distill_weight = 0.1
+  c.mask_aware.checkpoint_every = 200
+
   c.eval = ml_collections.ConfigDict()
   c.eval.variant = 'seg'                    # 'seg' | 'img' | 'full'
   c.eval.gamma = 0.0                        # Eq. 2 calibration factor; 0 disables
@@ -181,10 +195,14 @@ def base_config() -> ml_collections.ConfigDict:
   # The image branch: 'crops' (the paper's: CLIP on each segment's sub-image) or
   # 'one_pass' (one CLIP pass per image, a mask query per segment; modeling/one_pass.py) at
   # a short side of one_pass_size pixels (0: the model's input as it is); its queries see
-  # only their segment from layer one_pass_mask_from on (0: every layer).
+  # only their segment from layer one_pass_mask_from on (0: every layer). 480 px and the
+  # last 4 of ViT-B/16's 12 layers are MAFT's IP-CLIP. one_pass_clip_path: the CLIP of the
+  # one pass ('' -> clip.model_path's); `--mode mask_aware` tunes one for it (MAFT,
+  # training/mask_aware.py) into <workdir>/mask_aware/clip.
   c.eval.image_branch = 'crops'
-  c.eval.one_pass_size = 0
-  c.eval.one_pass_mask_from = 0
+  c.eval.one_pass_size = 480
+  c.eval.one_pass_mask_from = 8
+  c.eval.one_pass_clip_path = ''
   c.eval.max_images = 0                     # 0: the whole split
   # 'gzs3' (all classes of dataset.eval_split), 'zs3' (the unseen classes only, on
   # dataset.zs3_split), or both: 'gzs3,zs3' (metrics_<variant>_zs3.json).

@@ -146,6 +146,11 @@ def get_config(arg=None):
   # --config.eval.image_branch=one_pass reads the scene at 128 px: the miniature CLIP was
   # trained on 32-px crops of one object (4 x 4 patches); at 64 px a thing covers 2-3.
   c.eval.one_pass_size = 128
+  c.eval.one_pass_mask_from = 0    # the miniature CLIP has 2 layers: both masked
+  # MAFT's fine-tuning (`--mode mask_aware`) of the miniature CLIP, trained at lr 3e-3: the
+  # same ratio to it as MAFT's 1e-5 to CLIP's, and enough steps to see every scene twice.
+  c.mask_aware.steps = 1000
+  c.mask_aware.lr = 1e-4
 
   # The pixel-level baselines: the same backbone, FPN, data, text embeddings, optimiser,
   # schedule and test views; their own head and per-pixel cross-entropy.
@@ -167,6 +172,9 @@ def get_config(arg=None):
     w.clip_pretrain.pool_per_class = 8
     w.clip_pretrain.eval_per_class = 2
     w.backbone_pretrain.steps = 20
+    c.mask_aware.steps = 4
+    c.mask_aware.batch_size = 8
+    c.mask_aware.checkpoint_every = 2
     w.backbone_pretrain.pool_scenes = 16
     w.backbone_pretrain.eval_scenes = 4
     if method == 'zs3net':

@@ -6,6 +6,10 @@ Modes:
   train_and_eval  both
   predict         segment --images with any --classes / --class_file
   summary         parameter table and `total params: N` (jax.eval_shape, nothing compiled)
+  mask_aware      fine-tune CLIP's image encoder for the one-pass image branch on the latest
+                  checkpoint's proposals (MAFT; training/mask_aware.py), into
+                  <workdir>/mask_aware/clip; evaluate it with --config.eval.image_branch=one_pass
+                  --config.eval.one_pass_clip_path=<workdir>/mask_aware/clip
 
 Config overrides follow big_vision: --config.optim.lr=3e-4 --config.eval.variant=full.
 A key that does not exist is an error naming the key.
@@ -41,7 +45,8 @@ def define_flags():
   cli.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
   flags.DEFINE_enum('mode', 'train_and_eval',
-                    ['train', 'eval', 'train_and_eval', 'predict', 'summary'], 'What to run.')
+                    ['train', 'eval', 'train_and_eval', 'predict', 'summary',
+                     'mask_aware'], 'What to run.')
   flags.DEFINE_list('variants', None,
                     'Evaluation variants (seg,img,full); default: config.eval.variant.')
   flags.DEFINE_string('images', None, 'predict: comma-separated image files or a folder.')
@@ -107,6 +112,10 @@ def main(argv):
       return  # checkpoint saved; exit 0 so the scheduler can requeue the same command
   if FLAGS.mode in ('eval', 'train_and_eval'):
     evaluator.evaluate_settings(config, workdir, FLAGS.variants or [config.eval.variant])
+  if FLAGS.mode == 'mask_aware':
+    from zegformer_jax.training import mask_aware
+    summary = mask_aware.finetune(config, workdir)
+    logging.info('mask-aware CLIP: %s', summary['output'])
   if FLAGS.mode == 'predict':
     from zegformer_jax.tools import predict
     predict.run(config, workdir, images=FLAGS.images, classes=FLAGS.classes,

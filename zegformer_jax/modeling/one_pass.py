@@ -96,11 +96,15 @@ class MaskQueryCLIP(nn.Module):
     config: the transformers CLIPVisionConfig of the loaded CLIP.
     projection_dim: E, the width of CLIP's joint space.
     mask_from: the first layer whose queries see only their segment's patches; before it
-      they see every patch, like [CLS] (0: masked in every layer).
+      they see every patch, like [CLS] (0: masked in every layer). MAFT masks the last
+      four of ViT-B/16's twelve (mask_from 8).
+    with_cls: also return the [CLS] token's embedding (plain CLIP's image embedding at this
+      input size: no query reaches it), for MAFT's self-distillation (training/mask_aware.py).
   """
   config: Any
   projection_dim: int
   mask_from: int = 0
+  with_cls: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -126,11 +130,25 @@ class MaskQueryCLIP(nn.Module):
                                              name='encoder')
     for i, mask in enumerate(masks):
       x = encoder(i, x, mask)
-    x = x[:, -q:]
+    x = jnp.concatenate([x[:, :1], x[:, -q:]], axis=1) if self.with_cls else x[:, -q:]
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='post_layernorm')(x)
     x = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
                  name='visual_projection')(x).astype(jnp.float32)
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return (x[:, 1:], x[:, 0]) if self.with_cls else x
+
+
+def resize_to_grid(images, patch_size: int, size: int = 0):
+  """images [B, H, W, 3] resized (antialiased bilinear) so the short side is about `size`
+  and both sides are multiples of `patch_size` (0: the image's own size, rounded down)."""
+  b, h, w, _ = images.shape
+  scale = size / min(h, w) if size else 1.0
+  gh = max(int(round(h * scale)) // patch_size, 1)
+  gw = max(int(round(w * scale)) // patch_size, 1)
+  if (gh * patch_size, gw * patch_size) != (h, w):
+    images = jax.image.resize(images, (b, gh * patch_size, gw * patch_size, 3), 'linear',
+                              antialias=True)
+  return images
 
 
 def segment_embeddings(clip_model, clip_params, images, mask_logits, size: int = 0,
@@ -143,11 +161,6 @@ def segment_embeddings(clip_model, clip_params, images, mask_logits, size: int =
   mask_from: MaskQueryCLIP.mask_from.
   """
   cfg = clip_model.config.vision_config
-  p = cfg.patch_size
-  b, h, w, _ = images.shape
-  scale = size / min(h, w) if size else 1.0
-  gh, gw = max(int(round(h * scale)) // p, 1), max(int(round(w * scale)) // p, 1)
-  if (gh * p, gw * p) != (h, w):
-    images = jax.image.resize(images, (b, gh * p, gw * p, 3), 'linear', antialias=True)
+  images = resize_to_grid(images, cfg.patch_size, size)
   model = MaskQueryCLIP(cfg, clip_model.config.projection_dim, mask_from, dtype=images.dtype)
   return model.apply({'params': prompted_vit.clip_params(clip_params)}, images, mask_logits)

@@ -15,6 +15,8 @@ augmentation (`tta`) the scores of every view are averaged. The other methods ha
 'seg': SPNet-FPN and ZS3Net a per-pixel softmax, ZegCLIP a per-class sigmoid, each then
 resized and calibrated (Eq. 2) the same way.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,10 +238,23 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
 
 
 def image_branch(config, workdir, class_names, variants):
-  """(CLIP model, its params, [K, D] image-branch text embeddings); Nones if only 'seg'."""
+  """(CLIP model, its params, [K, D] image-branch text embeddings); Nones if only 'seg'.
+
+  The one-pass branch reads its CLIP from config.eval.one_pass_clip_path when it is set
+  (a mask-aware one, training/mask_aware.py); the text embeddings stay those of
+  config.clip.model_path's CLIP, whose text tower the fine-tuning does not change.
+  """
   if all(v == 'seg' for v in variants):
     return None, None, None
-  clip_model, _ = clip.load_clip(clip.clip_dir(config))
+  path = clip.clip_dir(config)
+  tuned = config.eval.get('one_pass_clip_path', '')
+  if tuned and image_branch_kind(config.eval) == 'one_pass':
+    if not os.path.isdir(tuned):
+      raise FileNotFoundError(
+          f'CLIP directory {tuned!r} (config.eval.one_pass_clip_path) does not exist; '
+          '`--mode mask_aware` writes one to <workdir>/mask_aware/clip')
+    path = tuned
+  clip_model, _ = clip.load_clip(path)
   clip_text = clip.class_text_embeddings(config, workdir, class_names,
                                          config.clip.image_prompts)
   return clip_model, clip_model.params, clip_text
