@@ -4,6 +4,7 @@ Oracles: transformers' own FlaxCLIPEncoderLayer and CLIP image features (clip.im
 a float64 numpy re-derivation of one masked layer, and invariances the design promises
 (queries never change the image tokens or each other).
 """
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +120,43 @@ def test_size_resizes_the_pass_to_the_patch_grid(tiny):
                                                tiny.config.projection_dim, 0, 0)
   want = enc.apply({'params': prompted_vit.clip_params(tiny.params)}, resized)['cls']
   np.testing.assert_allclose(emb[:, 0], want, atol=2e-5)
+
+
+
+class _OpenThenMasked(flax_nn.Module):
+  """The one pass as first written: queries from the start, layer 0 open to every patch
+  (an explicit all-patches mask), layer 1 masked; MaskQueryCLIP's parameter names."""
+  config: object
+  projection_dim: int
+
+  @flax_nn.compact
+  def __call__(self, images, mask_logits):
+    cfg = self.config
+    x, grid = prompted_vit.VisionEmbeddings(cfg, name='embeddings')(images)
+    b, q = mask_logits.shape[:2]
+    x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (b, q, x.shape[-1]))], axis=1)
+    x = flax_nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='pre_layrnorm')(x)
+    covered = one_pass.patch_masks(mask_logits, grid)
+    enc = prompted_vit.CLIPEncoderLayers(cfg, one_pass._MaskedEncoderLayer,  # pylint: disable=protected-access
+                                         name='encoder')
+    x = enc(0, x, one_pass.attention_mask(jnp.ones_like(covered), 1))
+    x = enc(1, x, one_pass.attention_mask(covered, 1))
+    x = flax_nn.LayerNorm(epsilon=cfg.layer_norm_eps, name='post_layernorm')(x[:, -q:])
+    x = flax_nn.Dense(self.projection_dim, use_bias=False, name='visual_projection')(x)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_queries_entering_at_mask_from_equal_open_layers_before_it(tiny):
+  """mask_from = 1: the queries join at layer 1 as copies of [CLS]. That equals running
+  them through layer 0 with every patch open, where they are [CLS]."""
+  cfg = tiny.config.vision_config
+  params = {'params': prompted_vit.clip_params(tiny.params)}
+  images = _images(2, 32, seed=5)
+  logits = jnp.asarray(np.random.RandomState(2).randn(2, 3, 32, 32) * 5, jnp.float32)
+  got = one_pass.MaskQueryCLIP(cfg, tiny.config.projection_dim, mask_from=1).apply(
+      params, images, logits)
+  want = _OpenThenMasked(cfg, tiny.config.projection_dim).apply(params, images, logits)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # And masking from layer 1 is not masking from layer 0.
+  every = one_pass.MaskQueryCLIP(cfg, tiny.config.projection_dim).apply(params, images, logits)
+  assert float(jnp.max(jnp.abs(every - got))) > 1e-4

@@ -68,7 +68,8 @@ class _MaskedSelfAttention(nn.Module):
     split = lambda y: y.reshape(y.shape[:2] + (heads, hd))
     q, k, v = (split(dense(n)(x)) for n in ('q_proj', 'k_proj', 'v_proj'))
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * hd ** -0.5
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(logits.dtype).min)
+    if mask is not None:   # None: every token attends to every token
+      logits = jnp.where(mask[:, None], logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(x.shape)
     return dense('out_proj')(out)
@@ -95,9 +96,11 @@ class MaskQueryCLIP(nn.Module):
   Attributes:
     config: the transformers CLIPVisionConfig of the loaded CLIP.
     projection_dim: E, the width of CLIP's joint space.
-    mask_from: the first layer whose queries see only their segment's patches; before it
-      they see every patch, like [CLS] (0: masked in every layer). MAFT masks the last
-      four of ViT-B/16's twelve (mask_from 8).
+    mask_from: the first layer whose queries see only their segment's patches (0: masked
+      in every layer). Before it a query would see what [CLS] sees and be [CLS], so the
+      queries enter there as copies of the [CLS] token, as in MAFT, and the layers before
+      run on the image tokens alone. MAFT masks the last four of ViT-B/16's twelve
+      (mask_from 8).
     with_cls: also return the [CLS] token's embedding (plain CLIP's image embedding at this
       input size: no query reaches it), for MAFT's self-distillation (training/mask_aware.py).
   """
@@ -118,17 +121,16 @@ class MaskQueryCLIP(nn.Module):
     x, grid = prompted_vit.VisionEmbeddings(cfg, dtype=self.dtype, name='embeddings')(
         images.astype(self.dtype))
     b, q = mask_logits.shape[:2]
-    # Every query starts as the [CLS] input (class embedding + position 0).
-    queries = jnp.broadcast_to(x[:, :1], (b, q, x.shape[-1]))
-    x = jnp.concatenate([x, queries], axis=1)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
-    covered = patch_masks(mask_logits, grid)
-    masked = attention_mask(covered, num_prefix=1)
-    open_ = attention_mask(jnp.ones_like(covered), num_prefix=1)
-    masks = [open_ if i < self.mask_from else masked for i in range(cfg.num_hidden_layers)]
+    mask = attention_mask(patch_masks(mask_logits, grid), num_prefix=1)
     encoder = prompted_vit.CLIPEncoderLayers(cfg, _MaskedEncoderLayer, self.dtype,
                                              name='encoder')
-    for i, mask in enumerate(masks):
+    start = min(max(int(self.mask_from), 0), cfg.num_hidden_layers)
+    for i in range(start):             # [CLS, patches]: plain CLIP
+      x = encoder(i, x, None)
+    # Every query starts as the [CLS] token of layer `start`'s input.
+    x = jnp.concatenate([x, jnp.broadcast_to(x[:, :1], (b, q, x.shape[-1]))], axis=1)
+    for i in range(start, cfg.num_hidden_layers):
       x = encoder(i, x, mask)
     x = jnp.concatenate([x[:, :1], x[:, -q:]], axis=1) if self.with_cls else x[:, -q:]
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='post_layernorm')(x)
