@@ -184,6 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mask_aware.poly_power = 0.9
   c.mask_aware.clip_norm = 0.01
   c.mask_aware.distill_weight = 0.1
+  c.mask_aware.trainable = 'maft'           # attention + LayerNorms (MAFT) | 'all'
   c.mask_aware.checkpoint_every = 200
 
   c.eval = ml_collections.ConfigDict()

@@ -187,3 +187,11 @@ def test_methods_without_segments_are_refused():
   config = shapesworld.get_config('spnet_fpn,smoke')
   with pytest.raises(ValueError, match='segment proposals'):
     mask_aware.check_config(config)
+
+
+def test_trainable_all_and_unknown_choices(tiny):
+  tree = prompted_vit.clip_params(tiny.params)
+  trainable, frozen = mask_aware.split_params(tree, 'all')
+  assert not frozen and set(trainable) == set(traverse_util.flatten_dict(tree, sep='/'))
+  with pytest.raises(ValueError, match='mask_aware.trainable'):
+    mask_aware.split_params(tree, 'mlp')

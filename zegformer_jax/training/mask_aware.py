@@ -21,8 +21,9 @@ MAFT teaches the encoder to make it one, without new parameters:
     encoder keeps what it knew about images;
   loss = L_ma + mask_aware.distill_weight * L_sd;
   trained: every layer's attention projections and its two LayerNorms, and the final
-    LayerNorm (`is_trainable`); the MLPs, embeddings and projection stay CLIP's, and so does
-    the text encoder, so the classes' text embeddings do not change.
+    LayerNorm (`is_trainable`); the MLPs, embeddings and projection stay CLIP's
+    (config.mask_aware.trainable='all' trains them too). The text encoder is never
+    trained, so the classes' text embeddings do not change.
 
 In the zero-shot setting only the seen classes are labelled in training (the others are
 the ignore value), so the scores are over the seen classes, as ZegFormer's own training.
@@ -130,10 +131,18 @@ def class_probs(embeddings, text, scale):
 # ---------------------------------------------------------------------------- parameters
 
 
-def is_trainable(path: str) -> bool:
+TRAINABLE = ('maft', 'all')
+
+
+def is_trainable(path: str, which: str = 'maft') -> bool:
   """What IP-CLIP trains (MAFT's `_freeze`): in every encoder layer the attention's q, k, v
-  and output projections and both LayerNorms, and the final LayerNorm. `path` is a
+  and output projections and both LayerNorms, and the final LayerNorm; with which='all'
+  (config.mask_aware.trainable) every parameter of the image encoder. `path` is a
   '/'-joined key path in MaskQueryCLIP's (= prompted_vit.clip_params') tree."""
+  if which not in TRAINABLE:
+    raise ValueError(f'config.mask_aware.trainable must be one of {TRAINABLE}, got {which!r}')
+  if which == 'all':
+    return True
   parts = path.split('/')
   if parts[0] == 'post_layernorm':
     return True
@@ -141,11 +150,11 @@ def is_trainable(path: str) -> bool:
                                        for p in parts)
 
 
-def split_params(tree):
+def split_params(tree, which: str = 'maft'):
   """(trainable, frozen) flat dicts {path: array} of a MaskQueryCLIP parameter tree."""
   flat = traverse_util.flatten_dict(tree, sep='/')
-  trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-  frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+  trainable = {k: v for k, v in flat.items() if is_trainable(k, which)}
+  frozen = {k: v for k, v in flat.items() if not is_trainable(k, which)}
   return trainable, frozen
 
 
@@ -241,6 +250,7 @@ def output_dir(workdir: str) -> str:
 
 def check_config(config) -> None:
   mcfg = config.mask_aware
+  is_trainable('', mcfg.get('trainable', 'maft'))   # an unknown choice fails here, named
   if int(mcfg.steps) <= 0 or int(mcfg.batch_size) <= 0:
     raise ValueError(f'config.mask_aware.steps ({mcfg.steps}) and batch_size '
                      f'({mcfg.batch_size}) must be positive')
@@ -277,7 +287,7 @@ def finetune(config, workdir: str) -> dict:
   clip_model, tokenizer = clip.load_clip(clip.clip_dir(config))
   scale = clip.clip_logit_scale(clip_model.params)
   teacher = prompted_vit.clip_params(clip_model.params)
-  trainable, frozen = split_params(teacher)
+  trainable, frozen = split_params(teacher, mcfg.get('trainable', 'maft'))
   # Its own buffers: the step donates the state, and the teacher keeps CLIP's weights.
   trainable = jax.tree.map(lambda x: jnp.array(x, copy=True), trainable)
   total = int(mcfg.steps)
