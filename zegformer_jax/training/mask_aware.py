@@ -30,7 +30,8 @@ the ignore value), so the scores are over the seen classes, as ZegFormer's own t
 
 `finetune` trains with AdamW, poly decay and full-model gradient clipping
 (config.mask_aware), checkpoints to <workdir>/mask_aware/checkpoints (resumed exactly,
-the data iterator included), and writes the tuned CLIP as a Hugging Face directory,
+the data iterator included), on one device (the step is not sharded; a
+multi-process job is refused), and writes the tuned CLIP as a Hugging Face directory,
 <workdir>/mask_aware/clip (complete or absent), which evaluation reads with
 --config.eval.one_pass_clip_path=<workdir>/mask_aware/clip.
 """
@@ -254,6 +255,10 @@ def check_config(config) -> None:
   if int(mcfg.steps) <= 0 or int(mcfg.batch_size) <= 0:
     raise ValueError(f'config.mask_aware.steps ({mcfg.steps}) and batch_size '
                      f'({mcfg.batch_size}) must be positive')
+  if jax.process_count() > 1:
+    raise ValueError('mask-aware fine-tuning runs in one process (MAFT: 1000 steps of 16 '
+                     f'images); this job has {jax.process_count()}: run --mode mask_aware on '
+                     'one host')
   if not methods.has_segments(config.model) or methods.method_name(config.model) == 'zegclip':
     raise ValueError('mask-aware fine-tuning needs segment proposals: method '
                      f'{methods.method_name(config.model)!r} has none')
