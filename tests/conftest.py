@@ -25,6 +25,8 @@ Fixtures defined here (session-scoped):
                    made once per session under a file lock (pytest-xdist workers share it);
   compile_cache    the persistent XLA compilation cache directory of this worker's
                    subprocess runs;
+  tiny_vit_clip    a tiny FlaxCLIPModel (2-layer ViT, 32 px, 8-px patches, seed 0) loaded by
+                   clip.load_clip from the directory create_tiny_clip wrote;
   cached_run       factory: cached_run(name, overrides, devices=1) -> the workdir of a
                    complete 1-process smoke run of `main`, made once per session (under a
                    lock) and shared by every test and worker that asks for the same name.
@@ -112,6 +114,15 @@ def smoke_resources(tmp_path_factory) -> str:
       _make_smoke_resources(root)
       open(os.path.join(root, 'ready'), 'w').close()
   return root
+
+
+@pytest.fixture(scope='session')
+def tiny_vit_clip(tmp_path_factory):
+  from zegformer_jax.modeling import clip
+  path = str(tmp_path_factory.mktemp('clip') / 'tiny')
+  clip.create_tiny_clip(path, vocab_words=['cat'], vision_layers=2, image_size=32,
+                        patch_size=8, seed=0)
+  return clip.load_clip(path)[0]
 
 
 @pytest.fixture(scope='session')

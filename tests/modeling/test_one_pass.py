@@ -16,11 +16,8 @@ from zegformer_jax.modeling import prompted_vit
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('clip') / 'tiny')
-  clip.create_tiny_clip(path, vocab_words=['cat'], vision_layers=2, image_size=32,
-                        patch_size=8, seed=0)
-  return clip.load_clip(path)[0]
+def tiny(tiny_vit_clip):
+  return tiny_vit_clip
 
 
 def _images(n, size, seed=0):

@@ -87,11 +87,8 @@ def test_distillation_loss_and_its_gradient_reaches_only_the_student():
 
 
 @pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('clip') / 'tiny')
-  clip.create_tiny_clip(path, vocab_words=['cat'], vision_layers=2, image_size=32,
-                        patch_size=8, seed=0)
-  return clip.load_clip(path)[0]
+def tiny(tiny_vit_clip):
+  return tiny_vit_clip
 
 
 def test_trainable_parameters_are_mafts(tiny):
