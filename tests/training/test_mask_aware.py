@@ -162,6 +162,14 @@ def test_finetune_on_the_smoke_run_resumes_exactly_and_touches_only_mafts_weight
   with open(os.path.join(workdir, mask_aware.SUBDIR, mask_aware.STATS_FILE)) as f:
     assert json.load(f)['history'][-1]['loss'] == resumed['history'][-1]['loss']
 
+  # A finished result is reused only for the settings it was made with.
+  assert mask_aware.finetune(config, workdir) == resumed
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.mask_aware.lr = 2 * config.mask_aware.lr
+  with pytest.raises(ValueError, match='other settings'):
+    mask_aware.finetune(other, workdir)
+
   # Evaluation's one pass reads it; the crops keep config.clip's CLIP.
   c = config.copy_and_resolve_references()
   with c.unlocked():

@@ -249,6 +249,14 @@ def output_dir(workdir: str) -> str:
   return os.path.join(workdir, SUBDIR, CLIP_SUBDIR)
 
 
+def settings(config) -> dict:
+  """What a finished fine-tuning was made with: config.mask_aware and the one pass's
+  eval.one_pass_size / one_pass_mask_from (a reused result must match them)."""
+  return dict(mask_aware=config.mask_aware.to_dict(),
+              one_pass_size=int(config.eval.get('one_pass_size', 0)),
+              one_pass_mask_from=int(config.eval.get('one_pass_mask_from', 0)))
+
+
 def check_config(config) -> None:
   mcfg = config.mask_aware
   is_trainable('', mcfg.get('trainable', 'maft'))   # an unknown choice fails here, named
@@ -277,9 +285,15 @@ def finetune(config, workdir: str) -> dict:
   root = os.path.dirname(out)
   summary_file = os.path.join(root, STATS_FILE)
   if os.path.isfile(os.path.join(out, 'config.json')) and os.path.isfile(summary_file):
-    logging.info('mask-aware CLIP already in %s', out)
     with open(summary_file) as f:
-      return json.load(f)
+      done = json.load(f)
+    if done.get('settings') != settings(config):
+      raise ValueError(
+          f'{out} was tuned with other settings ({done.get("settings")}) than '
+          f'config.mask_aware / eval.one_pass_* now ({settings(config)}); remove '
+          f'{os.path.dirname(out)} to tune again')
+    logging.info('mask-aware CLIP already in %s', out)
+    return done
 
   data_dir = input_pipeline.data_dir(config)
   class_names, _ = input_pipeline.dataset_classes(data_dir, config.dataset.train_split)
@@ -337,6 +351,7 @@ def finetune(config, workdir: str) -> dict:
   tuned = merge_params(jax.device_get(state['params']), frozen)
   write_clip_dir(clip_model, tokenizer, clip_model_params(clip_model.params, tuned), out)
   summary = dict(steps=total, batch_size=int(mcfg.batch_size), seconds=time.time() - t0,
+                 settings=settings(config),
                  source_clip=clip.clip_dir(config), output=out,
                  one_pass_size=int(config.eval.get('one_pass_size', 0)),
                  one_pass_mask_from=int(config.eval.get('one_pass_mask_from', 0)),
