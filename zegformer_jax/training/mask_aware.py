@@ -191,8 +191,10 @@ def make_optimizer(mcfg, total_steps: int, trainable) -> optax.GradientTransform
 
 
 def make_train_step(config, seg_model, clip_cfg, projection_dim: int, optimizer):
-  """Jitted step(state, frozen_clip, teacher_clip, seg_vars, batch, text, scale) ->
-  (state, metrics). state = {'params': trainable flat dict, 'opt_state', 'step'}."""
+  """Jitted step(state, frozen_clip, teacher_clip, seg_vars, batch, seg_text, text, scale)
+  -> (state, metrics). state = {'params': trainable flat dict, 'opt_state', 'step'};
+  seg_text: the segmenter's class embeddings [K, D] (its training prompts); text: CLIP's
+  text embeddings of the same classes with the image branch's prompts [K, E]."""
   ecfg, mcfg = config.eval, config.mask_aware
   mean, std = config.model.pixel_mean, config.model.pixel_std
   mask_from = int(ecfg.get('one_pass_mask_from', 0))
@@ -200,17 +202,17 @@ def make_train_step(config, seg_model, clip_cfg, projection_dim: int, optimizer)
   ignore = int(config.dataset.ignore_value)
   student = one_pass.MaskQueryCLIP(clip_cfg, projection_dim, mask_from, with_cls=True)
 
-  def proposals(seg_vars, images, text):
+  def proposals(seg_vars, images, seg_text):
     """[B, N, H, W] mask logits of the frozen segmenter's final decoder layer."""
-    outputs = seg_model.apply(seg_vars, preprocess.normalize(images, mean, std), text,
+    outputs = seg_model.apply(seg_vars, preprocess.normalize(images, mean, std), seg_text,
                               train=False)
     return inference.upsample_bilinear(outputs['pred_masks'][-1].astype(jnp.float32),
                                        images.shape[1:3])
 
-  def step(state, frozen_clip, teacher_clip, seg_vars, batch, text, scale):
+  def step(state, frozen_clip, teacher_clip, seg_vars, batch, seg_text, text, scale):
     images = batch['image']
     num_classes = text.shape[0]
-    mask_logits = jax.lax.stop_gradient(proposals(seg_vars, images, text))
+    mask_logits = jax.lax.stop_gradient(proposals(seg_vars, images, seg_text))
     label = batch['label'].astype(jnp.int32)
     label = jnp.where(label == ignore, -1, label)
     iou = soft_iou(jax.nn.sigmoid(mask_logits), label, num_classes)          # [B, N, K]
@@ -333,7 +335,8 @@ def finetune(config, workdir: str) -> dict:
   while step < total:
     batch = next(data_iter)
     batch = {k: batch[k] for k in ('image', 'label')}
-    state, metrics = step_fn(state, frozen, teacher, seg_vars, batch, clip_text, scale)
+    state, metrics = step_fn(state, frozen, teacher, seg_vars, batch, seg_text, clip_text,
+                             scale)
     step += 1
     if step % log == 0 or step == total or not bool(metrics['finite']):
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
