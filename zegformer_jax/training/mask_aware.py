@@ -72,6 +72,19 @@ def smooth_l1(x, y, beta: float = 1.0):
   return jnp.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
 
 
+def _class_ids(label, num_classes: int):
+  """[B, P] int32 class ids of label [B, H, W], anything outside [0, K) mapped to bin K."""
+  ids = label.reshape(label.shape[0], -1).astype(jnp.int32)
+  return jnp.where((ids >= 0) & (ids < num_classes), ids, num_classes)
+
+
+def class_areas(label, num_classes: int):
+  """[B, K] float32 pixel count of each class in label [B, H, W] (ids outside [0, K), the
+  ignore value, count for no class); > 0 is the classes present in each image."""
+  count = lambda ids: jnp.bincount(ids, length=num_classes + 1)[:num_classes]
+  return jax.vmap(count)(_class_ids(label, num_classes)).astype(jnp.float32)
+
+
 def soft_iou(mask_probs, label, num_classes: int):
   """[B, N, K] soft IoU of each proposal with each class's ground-truth mask (MAFT's target).
 
@@ -83,15 +96,12 @@ def soft_iou(mask_probs, label, num_classes: int):
   """
   b, n = mask_probs.shape[:2]
   p = mask_probs.reshape(b, n, -1).astype(jnp.float32)
-  ids = label.reshape(b, -1).astype(jnp.int32)
-  ids = jnp.where((ids >= 0) & (ids < num_classes), ids, num_classes)   # ignore -> bin K
 
-  def per_image(p_i, ids_i):   # [N, P], [P] -> [N, K] intersections, [K] class areas
-    inter = jax.ops.segment_sum(p_i.T, ids_i, num_segments=num_classes + 1)[:num_classes].T
-    area = jnp.bincount(ids_i, length=num_classes + 1)[:num_classes].astype(jnp.float32)
-    return inter, area
+  def intersections(p_i, ids_i):   # [N, P], [P] -> [N, K]
+    return jax.ops.segment_sum(p_i.T, ids_i, num_segments=num_classes + 1)[:num_classes].T
 
-  inter, area = jax.vmap(per_image)(p, ids)                      # [B, N, K], [B, K]
+  inter = jax.vmap(intersections)(p, _class_ids(label, num_classes))      # [B, N, K]
+  area = class_areas(label, num_classes)                                 # [B, K]
   union = area[:, None, :] + jnp.sum(p, axis=-1)[..., None] - inter
   return jnp.where(union > 0, inter / jnp.maximum(union, 1e-12), 0.0)
 
@@ -216,8 +226,7 @@ def make_train_step(config, seg_model, clip_cfg, projection_dim: int, optimizer)
     label = batch['label'].astype(jnp.int32)
     label = jnp.where(label == ignore, -1, label)
     iou = soft_iou(jax.nn.sigmoid(mask_logits), label, num_classes)          # [B, N, K]
-    present = jax.vmap(lambda l: jnp.bincount(jnp.where(l < 0, num_classes, l).ravel(),
-                                              length=num_classes + 1)[:num_classes] > 0)(label)
+    present = class_areas(label, num_classes) > 0                          # [B, K]
     clip_images = one_pass.resize_to_grid(
         preprocess.normalize(images, clip.CLIP_PIXEL_MEAN, clip.CLIP_PIXEL_STD),
         clip_cfg.patch_size, size)
@@ -355,10 +364,7 @@ def finetune(config, workdir: str) -> dict:
   write_clip_dir(clip_model, tokenizer, clip_model_params(clip_model.params, tuned), out)
   summary = dict(steps=total, batch_size=int(mcfg.batch_size), seconds=time.time() - t0,
                  settings=settings(config),
-                 source_clip=clip.clip_dir(config), output=out,
-                 one_pass_size=int(config.eval.get('one_pass_size', 0)),
-                 one_pass_mask_from=int(config.eval.get('one_pass_mask_from', 0)),
-                 history=history)
+                 source_clip=clip.clip_dir(config), output=out, history=history)
   with open(summary_file + '.tmp', 'w') as f:
     json.dump(summary, f, indent=1)
   os.replace(summary_file + '.tmp', summary_file)
