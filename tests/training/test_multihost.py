@@ -1,11 +1,11 @@
 """Multi-process training on one machine (launch/local_multiprocess.sh, gloo over loopback).
 
-The same ShapesWorld smoke training (global batch 8, 3 steps) as
+The same ShapesWorld smoke training (global batch 8, 2 steps) as
   2 processes x 4 CPU devices, 1 process x 8 devices, 1 process x 1 device, and
   1 process x 8 devices with FSDP (mesh.fsdp=4: parameters and optimiser state split over
   4 devices, batch over all 8)
 gives the same loss curve and parameter fingerprint within 1e-5 relative (measured: at most
-about 4e-7 on the losses and 3e-9 on the fingerprint; the differences are float reduction
+about 3e-7 on the losses and 2e-8 on the fingerprint; the differences are float reduction
 order). Only process 0 logs; evaluation with 2 processes gives exactly the metrics of 1
 process on the same checkpoint.
 """
@@ -20,7 +20,13 @@ from configs import shapesworld
 
 pytestmark = pytest.mark.slow
 
-STEPS = 3
+# Two steps: the second runs on updated, sharded parameters and optimiser state and on the
+# data iterator's next batch. A third was dropped: on an AVX2 CPU (2026-12-03) the 1 x 8 runs
+# matched 1 x 1 to 3e-7 for two steps, then the third step's loss_ce jumped (18.5346 against
+# 18.5144) while its mask and dice terms stayed within 1e-4. That is a discrete change of
+# the Hungarian assignment: from random weights many queries predict nearly the same mask,
+# and reduction order alone can move a target between two near-tied queries.
+STEPS = 2
 OVERRIDES = (f'--config.train.total_steps={STEPS}', '--config.train.log_every=1',
              '--config.train.checkpoint_every=0')
 TOLERANCE = 1e-5
