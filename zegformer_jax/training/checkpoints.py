@@ -83,7 +83,7 @@ _echo_hooks_installed = False
 
 
 def _drop_read_echoes() -> None:
-  """Installs (once, after a failed restore) hooks that drop the echoes of its reads."""
+  """Installs (once, before the first restore) hooks that drop the echoes of failed reads."""
   global _echo_hooks_installed
   if _echo_hooks_installed:
     return
@@ -245,6 +245,10 @@ class Checkpointer:
     Multi-process jobs read the same (shared) files, so every process skips the same steps;
     process 0 moves them and the others wait for it.
     """
+    # Before the first read, not after a failure: an abandoned read can echo (a traceback of
+    # `Event loop is closed`) before the failed restore's exception reaches the except below,
+    # as on a loaded 2-core machine in CI (2026-12-03).
+    _drop_read_echoes()
     tried, bad = set(), []
     while True:
       steps = sorted((s for s in self.manager.all_steps() if s not in tried), reverse=True)
@@ -257,7 +261,6 @@ class Checkpointer:
       except (CheckpointMismatchError, MemoryError):
         raise
       except Exception as e:  # pylint: disable=broad-except  (any failure to read the step)
-        _drop_read_echoes()
         gc.collect()   # orbax's abandoned array reads report now (dropped), not later
         if self._removed_meanwhile(step):   # deleted by the job that owns it (max_to_keep)
           self.manager.reload()
