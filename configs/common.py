@@ -204,6 +204,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.one_pass_size = 480
   c.eval.one_pass_mask_from = 8
   c.eval.one_pass_clip_path = ''
+  # The bilinear resizes of inference (mask logits to the input, score maps to the label
+  # size; torch F.interpolate's): 'taps' reads torch's two source pixels per axis, 'matmul'
+  # multiplies by jax.image's dense kernel matrices, 92 GFLOP for 171 score maps at 512 x
+  # 512 against 0.2 (BENCHMARKS.md). They agree to float32 rounding (modeling/inference.py).
+  c.eval.resize_impl = 'taps'
   c.eval.max_images = 0                     # 0: the whole split
   # 'gzs3' (all classes of dataset.eval_split), 'zs3' (the unseen classes only, on
   # dataset.zs3_split), or both: 'gzs3,zs3' (metrics_<variant>_zs3.json).

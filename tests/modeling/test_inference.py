@@ -233,24 +233,58 @@ def test_semantic_inference():
 # Resizing.
 
 
-@pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (20, 28)), ((6, 4), (13, 9))])
-def test_upsample_masks_matches_torch_bilinear(in_hw, out_hw):
+@pytest.mark.parametrize('impl', inference.RESIZE_IMPLS)
+@pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (20, 28)), ((6, 4), (13, 9)),
+                                          ((32, 32), (128, 128)), ((9, 11), (9, 11))])
+def test_upsample_masks_matches_torch_bilinear(in_hw, out_hw, impl):
   rng = np.random.default_rng(4)
   x = rng.normal(size=(2, 3) + in_hw)
-  got = inference.upsample_bilinear(jnp.asarray(x, jnp.float32), out_hw)
+  got = inference.upsample_bilinear(jnp.asarray(x, jnp.float32), out_hw, impl=impl)
+  assert got.shape == (2, 3) + out_hw and got.dtype == jnp.float32
   np.testing.assert_allclose(got, _torch_resize(x, out_hw), rtol=1e-5, atol=1e-5)
+  if in_hw == out_hw:   # the identity: weights 1 and 0 exactly
+    np.testing.assert_array_equal(got, np.asarray(x, np.float32))
 
 
-def test_postprocess_crop_then_resize():
+def test_linear_taps_are_torchs_source_pixels():
+  # torch upsample_bilinear2d, align_corners=False, 5 -> 8: src = (d + 0.5) * 5 / 8 - 0.5,
+  # clamped at 0; the far edge repeats the last pixel.
+  lo, hi, w = (np.asarray(a) for a in inference.linear_taps(0, 8, 5, 8))
+  np.testing.assert_array_equal(lo, [0, 0, 1, 1, 2, 2, 3, 4])
+  np.testing.assert_array_equal(hi, [1, 1, 2, 2, 3, 3, 4, 4])
+  np.testing.assert_allclose(w, [0, 0.4375, 0.0625, 0.6875, 0.3125, 0.9375, 0.5625, 0],
+                             atol=1e-7)
+  # Shrinking 7 -> 3 without antialiasing, output rows 1 and 2 (a traced start offset):
+  # src = (d + 0.5) * 7 / 3 - 0.5 = 3 and 5.3333.
+  lo, hi, w = (np.asarray(a) for a in inference.linear_taps(jnp.int32(1), 2, 7, 3))
+  np.testing.assert_array_equal(lo, [3, 5])
+  np.testing.assert_array_equal(hi, [4, 6])
+  np.testing.assert_allclose(w, [0, 1 / 3], atol=1e-6)
+
+
+def test_resize_impl_errors_name_the_key():
+  x = jnp.zeros((1, 2, 4, 4))
+  hw = jnp.asarray([[4, 4]])
+  with pytest.raises(ValueError, match='config.eval.resize_impl.*gather'):
+    inference.upsample_bilinear(x, (8, 8), impl='gather')
+  with pytest.raises(ValueError, match='without antialiasing'):
+    inference.resize_valid(x, hw, hw, (8, 8), spatial_axes=(2, 3), antialias=True,
+                           impl='taps')
+  with pytest.raises(ValueError, match='last two axes'):
+    inference.resize_valid(x, hw, hw, (8, 8), spatial_axes=(1, 2), impl='taps')
+
+
+@pytest.mark.parametrize('impl', inference.RESIZE_IMPLS)
+def test_postprocess_crop_then_resize(impl):
   rng = np.random.default_rng(5)
   sem = rng.normal(size=(3, 4, 64, 64)).astype(np.float32)
   # Image 40x56 inside the 64x64 padding -> label 50x70 (upsampling, non-integer ratio);
   # no padding -> 30x20 (downsampling); 33x17 -> 33x17 (identity).
   image_hw = np.array([[40, 56], [64, 64], [33, 17]], np.int32)
   label_hw = np.array([[50, 70], [30, 20], [33, 17]], np.int32)
-  fn = jax.jit(inference.postprocess, static_argnums=(3,))
+  fn = jax.jit(inference.postprocess, static_argnums=(3, 4))
   got = np.asarray(fn(jnp.asarray(sem), jnp.asarray(image_hw), jnp.asarray(label_hw),
-                      (50, 70)))
+                      (50, 70), impl))
   assert got.shape == (3, 4, 50, 70)
   assert np.all(np.isfinite(got))
   for b in range(3):

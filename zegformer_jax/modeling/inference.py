@@ -17,7 +17,11 @@ open:
 
 All bilinear resizes are torch `F.interpolate(mode='bilinear', align_corners=False)` without
 antialiasing: half-pixel centres, source coordinates below 0 clamped to 0, the last row /
-column repeated at the far edge.
+column repeated at the far edge. Two implementations compute them (`RESIZE_IMPLS`,
+config.eval.resize_impl): 'matmul', jax.image's dense [out, in] kernel matrices, and 'taps',
+torch's own two source pixels per output pixel and axis. They agree to float32 rounding;
+'taps' does O(out) work per row where 'matmul' does O(out x in): 0.2 GFLOP against 92 for
+171 score maps at 512 x 512 (BENCHMARKS.md).
 
 Layouts: class-probability tensors are [B, Q, K]; mask logits [B, Q, H, W]; per-pixel score
 maps [B, K, H, W]; images channels-last [B, H, W, 3].
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 STYLES = ('crop', 'mask', 'cropmask')
+RESIZE_IMPLS = ('matmul', 'taps')
 
 
 # ----------------------------------------------------------------------------
@@ -138,7 +143,48 @@ def calibrate(scores: jnp.ndarray, seen_mask: jnp.ndarray, gamma) -> jnp.ndarray
 # Resizing.
 
 
-def upsample_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
+def check_resize_impl(impl: str) -> str:
+  """impl if it is one of RESIZE_IMPLS, else a ValueError naming config.eval.resize_impl."""
+  if impl not in RESIZE_IMPLS:
+    raise ValueError(f'config.eval.resize_impl must be one of {RESIZE_IMPLS}, got {impl!r}')
+  return impl
+
+
+def linear_taps(start, n: int, size_in, size_out):
+  """torch's bilinear taps (align_corners=False) along one axis.
+
+  For the output positions start + [0, n) of an axis of size_out resampled from size_in:
+  source coordinate (d + 0.5) * size_in / size_out - 0.5, clamped to [0, size_in - 1].
+  Sizes and start may be traced (per-example sizes under vmap); positions at or beyond
+  size_out read the last source pixel (finite don't-care values).
+
+  Returns:
+    (lo, hi, w): lo, hi [n] int32 source indices, w [n] float32 the weight of hi (lo's is
+    1 - w).
+  """
+  size_in = jnp.asarray(size_in, jnp.int32)
+  size_out = jnp.asarray(size_out, jnp.int32)
+  pos = start + jnp.arange(n)
+  src = (pos.astype(jnp.float32) + 0.5) * (size_in / size_out) - 0.5
+  src = jnp.clip(src, 0.0, (size_in - 1).astype(jnp.float32))
+  lo = jnp.floor(src).astype(jnp.int32)
+  return lo, jnp.minimum(lo + 1, size_in - 1), src - lo
+
+
+def bilinear_taps(x: jnp.ndarray, rows, cols) -> jnp.ndarray:
+  """x [..., H, W] sampled at the taps `rows` and `cols` (`linear_taps`) -> [..., n_rows,
+  n_cols]: each output pixel is the two-by-two lerp of its source pixels, along the width
+  first (the order tools/predict.py has always used)."""
+  y0, y1, fy = rows
+  x0, x1, fx = cols
+  rows0, rows1 = x[..., y0, :], x[..., y1, :]                       # [..., n_rows, W]
+  top = rows0[..., x0] * (1 - fx) + rows0[..., x1] * fx             # [..., n_rows, n_cols]
+  bottom = rows1[..., x0] * (1 - fx) + rows1[..., x1] * fx
+  return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+def upsample_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int],
+                      impl: str = 'matmul') -> jnp.ndarray:
   """Bilinear resize of the last two axes (torch F.interpolate, align_corners=False).
 
   `jax.image.resize(method='bilinear', antialias=False)` samples at the same half-pixel
@@ -150,16 +196,22 @@ def upsample_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int]) -> jnp.ndarray:
   Args:
     x: [..., h, w].
     out_hw: static (H, W), each >= the input size (e.g. the padded input size, 4h x 4w).
+    impl: 'matmul' (jax.image.resize) or 'taps' (`bilinear_taps`); see the module doc.
   Returns:
     [..., H, W], x's dtype.
   """
-  shape = x.shape[:-2] + tuple(int(s) for s in out_hw)
-  return jax.image.resize(x, shape, method='bilinear', antialias=False)
+  out_h, out_w = (int(s) for s in out_hw)
+  if check_resize_impl(impl) == 'taps':
+    h, w = x.shape[-2:]
+    return bilinear_taps(x, linear_taps(0, out_h, h, out_h),
+                         linear_taps(0, out_w, w, out_w)).astype(x.dtype)
+  return jax.image.resize(x, x.shape[:-2] + (out_h, out_w), method='bilinear',
+                          antialias=False)
 
 
 def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
                  out_shape: Tuple[int, int], spatial_axes: Tuple[int, int],
-                 antialias: bool = False) -> jnp.ndarray:
+                 antialias: bool = False, impl: str = 'matmul') -> jnp.ndarray:
   """Per-example bilinear resize of the valid region x[:ih, :iw] to [:oh, :ow].
 
   `jax.image.scale_and_translate` (vmapped, scale = out_hw / in_hw per example) only clamps
@@ -176,9 +228,26 @@ def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
     spatial_axes: the (height, width) axes of x, e.g. (1, 2) for [B, H, W, C].
     antialias: widen the kernel when shrinking (Pillow's resize), else sample as
       torch F.interpolate(align_corners=False).
+    impl: 'matmul' (the normalised convolution above) or 'taps' (torch's two taps per
+      axis, clamped at the valid region's edge: `linear_taps`); 'taps' needs antialias
+      False and the spatial axes last.
   Returns:
     float32 x resized; entries beyond out_hw are don't-care (finite).
   """
+  if check_resize_impl(impl) == 'taps':
+    if antialias or tuple(spatial_axes) != (x.ndim - 2, x.ndim - 1):
+      raise ValueError('resize_valid(impl="taps") resizes the last two axes without '
+                       f'antialiasing; got spatial_axes {tuple(spatial_axes)} of a '
+                       f'{x.ndim}-d array, antialias={antialias}')
+    oh, ow = (int(v) for v in out_shape)
+
+    def one_taps(e, ihw, ohw):
+      return bilinear_taps(e, linear_taps(0, oh, ihw[0], jnp.maximum(ohw[0], 1)),
+                           linear_taps(0, ow, ihw[1], jnp.maximum(ohw[1], 1)))
+
+    in_hw = jnp.maximum(jnp.asarray(in_hw, jnp.int32), 1)   # as the matmul path's
+    return jax.vmap(one_taps)(x.astype(jnp.float32), in_hw, jnp.asarray(out_hw, jnp.int32))
+
   ah, aw = (a - 1 for a in spatial_axes)  # axes within one example
   hp, wp = x.shape[spatial_axes[0]], x.shape[spatial_axes[1]]
   oh, ow = (int(v) for v in out_shape)
@@ -216,7 +285,7 @@ def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
 
 
 def postprocess(sem_seg: jnp.ndarray, image_hw: jnp.ndarray, label_hw: jnp.ndarray,
-                out_hw: Tuple[int, int]) -> jnp.ndarray:
+                out_hw: Tuple[int, int], impl: str = 'matmul') -> jnp.ndarray:
   """detectron2 `sem_seg_postprocess`: crop to the resized image, resize to the label size.
 
   Per image: sem_seg[:, :ih, :iw] resized bilinearly (align_corners=False, no antialias) to
@@ -227,11 +296,12 @@ def postprocess(sem_seg: jnp.ndarray, image_hw: jnp.ndarray, label_hw: jnp.ndarr
     image_hw: [B, 2] int, (ih, iw) size of the resized image inside the padding.
     label_hw: [B, 2] int, (lh, lw) original label size, lh <= Hl, lw <= Wl.
     out_hw: static (Hl, Wl), the padded label size of the batch.
+    impl: 'matmul' or 'taps' (`resize_valid`).
   Returns:
     [B, K, Hl, Wl] float32; entries at rows >= lh or columns >= lw are don't-care (finite;
     the labels are ignore there).
   """
-  return resize_valid(sem_seg, image_hw, label_hw, out_hw, spatial_axes=(2, 3))
+  return resize_valid(sem_seg, image_hw, label_hw, out_hw, spatial_axes=(2, 3), impl=impl)
 
 
 # ----------------------------------------------------------------------------

@@ -121,11 +121,12 @@ def pixel_cross_entropy(logits: jax.Array, label: jax.Array, ignore_value: int) 
   return loss, {'loss_sem_seg': loss, 'valid_pixels': count.astype(jnp.float32)}
 
 
-def pixel_scores(logits: jax.Array, out_hw) -> jax.Array:
+def pixel_scores(logits: jax.Array, out_hw, impl: str = 'matmul') -> jax.Array:
   """Per-pixel class probabilities [B, K, H, W] at the padded input size `out_hw`.
 
-  The official inference: logits upsampled x4 (bilinear), softmax over the classes; the
-  caller crops, resizes and calibrates (Eq. 2) as for ZegFormer.
+  The official inference: logits upsampled x4 (bilinear; `impl` as in upsample_bilinear),
+  softmax over the classes; the caller crops, resizes and calibrates (Eq. 2) as for
+  ZegFormer.
   """
-  up = upsample_bilinear(jnp.moveaxis(logits.astype(jnp.float32), -1, 1), out_hw)
+  up = upsample_bilinear(jnp.moveaxis(logits.astype(jnp.float32), -1, 1), out_hw, impl)
   return jax.nn.softmax(up, axis=1)

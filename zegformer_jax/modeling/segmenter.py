@@ -148,6 +148,7 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
   mean, std = config.model.pixel_mean, config.model.pixel_std
   eval_cfg = config.eval
   image_branch_kind(eval_cfg)   # an unknown branch is an error before anything is compiled
+  resize_impl = inference.check_resize_impl(str(eval_cfg.get('resize_impl', 'matmul')))
   pixel_level = methods.is_pixel_method(config.model)
   one_stage = methods.method_name(config.model) == 'zegclip'
   if with_masks and not methods.has_segments(config.model):
@@ -162,13 +163,14 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
                           train=False)
     hp, wp = images.shape[1:3]
     if pixel_level:   # SPNet-FPN / ZS3Net: per-pixel softmax at the padded size
-      return {'seg': per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp))}
+      return {'seg': per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp),
+                                                     resize_impl)}
     if one_stage:     # ZegCLIP: per-class sigmoid of the mask logits upsampled to the input;
       # Eq. 2 below (gamma 0.1 on the seen classes) is ZegCLIP's own seen-class penalty.
       return {'seg': jax.nn.sigmoid(jnp.moveaxis(outputs['sem_seg_logits'], -1, 1))}
     pred_logits = outputs['pred_logits'][-1]
     mask_logits = inference.upsample_bilinear(
-        outputs['pred_masks'][-1].astype(jnp.float32), (hp, wp))
+        outputs['pred_masks'][-1].astype(jnp.float32), (hp, wp), impl=resize_impl)
     clip_inputs = None
     if any(v != 'seg' for v in variants):
       clip_inputs = dict(
@@ -199,7 +201,8 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
     else:
       out = slide(forward, windows, params, frozen, batch['image'], batch['image_hw'], *args)
     for k, x in out.items():
-      out[k] = inference.postprocess(x, batch['image_hw'], batch['label_hw'], label_hw_static)
+      out[k] = inference.postprocess(x, batch['image_hw'], batch['label_hw'], label_hw_static,
+                                     impl=resize_impl)
       if k != 'masks':
         out[k] = inference.calibrate(out[k], seen_mask, eval_cfg.gamma)   # Eq. 2
     return out

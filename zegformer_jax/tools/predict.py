@@ -35,6 +35,7 @@ from PIL import ImageOps
 from zegformer_jax.data import augment
 from zegformer_jax.evaluation import evaluator
 from zegformer_jax.modeling import clip
+from zegformer_jax.modeling import inference
 from zegformer_jax.modeling import segmenter
 from zegformer_jax.modeling import tta
 from zegformer_jax.training import state as state_lib
@@ -386,19 +387,10 @@ def _upsample_argmax_tile(scores, in_hw, out_hw, origin, tile_hw):
   (torch F.interpolate(align_corners=False) = inference.postprocess), for the output
   pixels origin + [0, tile) only. One program for every output size: the sizes and the
   tile's place are data."""
-  def taps(start, n, size_in, size_out):
-    pos = start + jnp.arange(n)
-    src = (pos.astype(jnp.float32) + 0.5) * (size_in / size_out) - 0.5
-    src = jnp.clip(src, 0.0, (size_in - 1).astype(jnp.float32))
-    lo = jnp.floor(src).astype(jnp.int32)
-    return lo, jnp.minimum(lo + 1, size_in - 1), src - lo
   th, tw = tile_hw.shape
-  y0, y1, fy = taps(origin[0], th, in_hw[0], out_hw[0])
-  x0, x1, fx = taps(origin[1], tw, in_hw[1], out_hw[1])
-  rows0, rows1 = scores[:, y0], scores[:, y1]                     # [K, th, W]
-  top = rows0[:, :, x0] * (1 - fx) + rows0[:, :, x1] * fx         # [K, th, tw]
-  bottom = rows1[:, :, x0] * (1 - fx) + rows1[:, :, x1] * fx
-  out = top * (1 - fy)[None, :, None] + bottom * fy[None, :, None]
+  rows = inference.linear_taps(origin[0], th, in_hw[0], out_hw[0])
+  cols = inference.linear_taps(origin[1], tw, in_hw[1], out_hw[1])
+  out = inference.bilinear_taps(scores, rows, cols)
   return jnp.argmax(out, axis=0).astype(jnp.int32)
 
 
