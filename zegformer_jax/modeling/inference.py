@@ -203,10 +203,39 @@ def upsample_bilinear(x: jnp.ndarray, out_hw: Tuple[int, int],
   out_h, out_w = (int(s) for s in out_hw)
   if check_resize_impl(impl) == 'taps':
     h, w = x.shape[-2:]
+    if out_h % h == 0 and out_w % w == 0:   # e.g. mask logits at stride 4: no gathers
+      return _upsample_by_factor(_upsample_by_factor(x, x.ndim - 1, out_w // w),
+                                 x.ndim - 2, out_h // h)
     return bilinear_taps(x, linear_taps(0, out_h, h, out_h),
                          linear_taps(0, out_w, w, out_w)).astype(x.dtype)
   return jax.image.resize(x, x.shape[:-2] + (out_h, out_w), method='bilinear',
                           antialias=False)
+
+
+def _upsample_by_factor(x: jnp.ndarray, axis: int, f: int) -> jnp.ndarray:
+  """torch's bilinear upsampling of one axis by an integer factor f, as shifted slices.
+
+  Output f * i + k reads source i + o_k, o_k = (k + 0.5) / f - 0.5 in (-0.5, 0.5): the lerp of
+  pixels i - 1 and i (o_k < 0) or i and i + 1, with the same weights `linear_taps` gives;
+  the edge pixel stands in for the missing neighbour, as torch's clamping does. The f
+  phases are stacked after `axis` and merged into it: elementwise work only, where the
+  gathers of `bilinear_taps` made XLA:CPU's consumers of the result slower (BENCHMARKS.md).
+  """
+  if f == 1:
+    return x
+  n = x.shape[axis]
+  edge = lambda i: jax.lax.slice_in_dim(x, i, i + 1, axis=axis)
+  padded = jnp.concatenate([edge(0), x, edge(n - 1)], axis=axis)
+  prev = jax.lax.slice_in_dim(padded, 0, n, axis=axis)
+  nxt = jax.lax.slice_in_dim(padded, 2, n + 2, axis=axis)
+  phases = []
+  for k in range(f):
+    o = (k + 0.5) / f - 0.5
+    lo, hi, w = (prev, x, 1 + o) if o < 0 else (x, nxt, o)
+    phases.append(lo * jnp.asarray(1 - w, x.dtype) + hi * jnp.asarray(w, x.dtype))
+  shape = list(x.shape)
+  shape[axis] = n * f
+  return jnp.stack(phases, axis=axis + 1).reshape(shape)
 
 
 def resize_valid(x: jnp.ndarray, in_hw: jnp.ndarray, out_hw: jnp.ndarray,
