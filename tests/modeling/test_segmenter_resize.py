@@ -4,26 +4,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapesworld
 from zegformer_jax.modeling import segmenter
-from zegformer_jax.modeling import zegformer
 
 
-def test_taps_and_matmul_give_the_same_scores():
-  config = shapesworld.get_config('smoke')
-  config.eval.aug_min_sizes, config.eval.aug_flip = (), False
+def test_taps_and_matmul_give_the_same_scores(smoke_zegformer):
+  z = smoke_zegformer
+  config, model, variables, text = z.config, z.model, z.variables, z.text
   assert config.eval.resize_impl == 'matmul'   # the demo's numbers
-  model = zegformer.build_model(config.model)
-  variables = zegformer.init_variables(model, jax.random.key(0), image_hw=(64, 64),
-                                       num_classes=5)
-  rng = np.random.default_rng(1)
   # Mask logits at stride 4 up to 64 x 64; then the valid 48 x 60 region up to a 70 x 75
   # label, and a whole image down to 40 x 50 (the padded label batch is 70 x 75).
-  batch = {'image': jnp.asarray(rng.uniform(0, 255, (2, 64, 64, 3)), jnp.float32),
+  batch = {'image': jnp.asarray(z.rng.uniform(0, 255, (2, 64, 64, 3)), jnp.float32),
            'image_hw': jnp.asarray([[48, 60], [64, 64]], jnp.int32),
            'label_hw': jnp.asarray([[70, 75], [40, 50]], jnp.int32)}
-  text = rng.normal(size=(5, config.model.embed_dim)).astype(np.float32)
-  text = jnp.asarray(text / np.linalg.norm(text, axis=1, keepdims=True))
   out = {}
   for impl in ('matmul', 'taps'):
     config.eval.resize_impl = impl

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapesworld
 from zegformer_jax.modeling import segmenter
 from zegformer_jax.modeling import zegformer
 
@@ -60,18 +59,12 @@ def _scores(config, variables, batch, text):
                                 jnp.ones(5, bool), None, None)['seg'])
 
 
-def test_one_window_over_the_whole_image_is_plain_inference():
-  config = shapesworld.get_config('smoke')
-  config.eval.aug_min_sizes, config.eval.aug_flip = (), False
-  model = zegformer.build_model(config.model)
-  variables = zegformer.init_variables(model, jax.random.key(0), image_hw=(64, 64),
-                                       num_classes=5)
-  rng = np.random.default_rng(1)
-  batch = {'image': jnp.asarray(rng.uniform(0, 255, (2, 64, 64, 3)), jnp.float32),
+def test_one_window_over_the_whole_image_is_plain_inference(smoke_zegformer):
+  z = smoke_zegformer
+  config, variables, text = z.config, z.variables, z.text
+  batch = {'image': jnp.asarray(z.rng.uniform(0, 255, (2, 64, 64, 3)), jnp.float32),
            'image_hw': jnp.asarray([[64, 64], [48, 60]], jnp.int32),
            'label_hw': jnp.asarray([[64, 64], [40, 50]], jnp.int32)}
-  text = rng.normal(size=(5, config.model.embed_dim)).astype(np.float32)
-  text = jnp.asarray(text / np.linalg.norm(text, axis=1, keepdims=True))
   plain = _scores(config, variables, batch, text)
   config.eval.sliding_window, config.eval.window_size = True, 64
   np.testing.assert_array_equal(_scores(config, variables, batch, text), plain)
