@@ -207,7 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The bilinear resizes of inference (mask logits to the input, score maps to the label
   # size; torch F.interpolate's): 'taps' reads torch's two source pixels per axis, 'matmul'
   # multiplies by jax.image's dense kernel matrices, 92 GFLOP for 171 score maps at 512 x
-  # 512 against 0.2 (BENCHMARKS.md). They agree to float32 rounding (modeling/inference.py).
+  # 512 against 0.4 (BENCHMARKS.md). They agree to float32 rounding (modeling/inference.py).
   c.eval.resize_impl = 'taps'
   c.eval.max_images = 0                     # 0: the whole split
   # 'gzs3' (all classes of dataset.eval_split), 'zs3' (the unseen classes only, on

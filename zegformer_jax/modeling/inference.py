@@ -20,7 +20,7 @@ antialiasing: half-pixel centres, source coordinates below 0 clamped to 0, the l
 column repeated at the far edge. Two implementations compute them (`RESIZE_IMPLS`,
 config.eval.resize_impl): 'matmul', jax.image's dense [out, in] kernel matrices, and 'taps',
 torch's own two source pixels per output pixel and axis. They agree to float32 rounding;
-'taps' does O(out) work per row where 'matmul' does O(out x in): 0.2 GFLOP against 92 for
+'taps' does O(out) work per row where 'matmul' does O(out x in): 0.4 GFLOP against 92 for
 171 score maps at 512 x 512 (BENCHMARKS.md).
 
 Layouts: class-probability tensors are [B, Q, K]; mask logits [B, Q, H, W]; per-pixel score

@@ -163,8 +163,8 @@ def make_scores_fn(config, model, variants, label_hw_static, clip_model=None,
                           train=False)
     hp, wp = images.shape[1:3]
     if pixel_level:   # SPNet-FPN / ZS3Net: per-pixel softmax at the padded size
-      return {'seg': per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp),
-                                                     resize_impl)}
+      pixel_probs = per_pixel.pixel_scores(outputs['sem_seg_logits'], (hp, wp), resize_impl)
+      return {'seg': pixel_probs}
     if one_stage:     # ZegCLIP: per-class sigmoid of the mask logits upsampled to the input;
       # Eq. 2 below (gamma 0.1 on the seen classes) is ZegCLIP's own seen-class penalty.
       return {'seg': jax.nn.sigmoid(jnp.moveaxis(outputs['sem_seg_logits'], -1, 1))}
