@@ -50,7 +50,8 @@ def test_unmasked_layer_is_transformers_layer(tiny):
   np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_masked_layer_against_numpy(tiny):
+@pytest.mark.parametrize('by_head', [True, False])
+def test_masked_layer_against_numpy(tiny, by_head):
   cfg = tiny.config.vision_config
   p = jax.tree.map(lambda a: np.asarray(a, np.float64),
                    tiny.params['vision_model']['encoder']['layers']['0'])
@@ -58,7 +59,7 @@ def test_masked_layer_against_numpy(tiny):
   x = rng.randn(1, 6, cfg.hidden_size)
   mask = rng.rand(1, 6, 6) > 0.4
   mask[0, np.arange(6), np.arange(6)] = True
-  got = one_pass._MaskedEncoderLayer(cfg).apply(  # pylint: disable=protected-access
+  got = one_pass._MaskedEncoderLayer(cfg, by_head=by_head).apply(  # pylint: disable=protected-access
       {'params': tiny.params['vision_model']['encoder']['layers']['0']},
       jnp.asarray(x, jnp.float32), jnp.asarray(mask))
 
