@@ -9,7 +9,7 @@
 # bench_step flags, e.g. "--config.input.global_batch_size=8"), INFER_ARGS, STEPS (default
 # 20), IMAGES (default 5), CONFIGS (default: the COCO-Stuff configs of every method),
 # ONE_PASS_CONFIG (default configs/coco_stuff_r50.py; empty: skip the one-pass row),
-# DTYPES (default "float32 bfloat16").
+# DTYPES (default "float32 bfloat16"), ATTENTION_TOKENS (below).
 # H100/H200 dense peaks: 67 (float32, no TF32) and 989 (bfloat16) TFLOP/s.
 set -euo pipefail
 out=${1:?usage: launch/benchmarks.sh OUT_DIR [PEAK_TFLOPS_F32] [PEAK_TFLOPS_BF16]}
@@ -40,6 +40,14 @@ if [ -n "$one_pass" ]; then
   "$py" -m zegformer_jax.tools.bench_infer --config "$one_pass" \
     --config.eval.image_branch=one_pass --images "$images" --warmup 1 \
     --peak_tflops "$peak_f32" --output "$results" ${INFER_ARGS:-} >&2
+fi
+# The one pass's attention, all heads at once against one at a time (modeling/attention.py):
+# OUT_DIR/attention.jsonl. ATTENTION_TOKENS (default 901,1001; empty: skip).
+attention_tokens=${ATTENTION_TOKENS-901,1001}
+if [ -n "$attention_tokens" ]; then
+  : > "$out/attention.jsonl"
+  "$py" -m zegformer_jax.tools.bench_attention --tokens "$attention_tokens" \
+    --output "$out/attention.jsonl" >&2
 fi
 "$py" -m zegformer_jax.tools.benchmarking "$results" > "$out/table.md"
 cat "$out/table.md"

@@ -50,7 +50,7 @@ def test_launch_benchmarks_writes_the_table(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   small = '--config.model.decoder.num_layers=1 '
   env = dict(os.environ, CONFIGS='configs/shapesworld.py:smoke', STEPS='1', IMAGES='1',
-             ONE_PASS_CONFIG='', DTYPES='float32', PYTHON=sys.executable, JAX_PLATFORMS='cpu', PYTHONPATH=root,
+             ONE_PASS_CONFIG='', DTYPES='float32', ATTENTION_TOKENS='16', PYTHON=sys.executable, JAX_PLATFORMS='cpu', PYTHONPATH=root,
              STEP_ARGS=small,
              INFER_ARGS=small + '--config.eval.variant=seg --size 64 --num_classes 32 '
              '--num_seen 26')
@@ -63,6 +63,9 @@ def test_launch_benchmarks_writes_the_table(tmp_path):
   assert [x['mfu'] > 0 for x in rows] == [True] * 2
   table = (tmp_path / 'out' / 'table.md').read_text().splitlines()
   assert len(table) == 4 and table[2].startswith('| bench_step | configs/shapesworld.py')
+  attention = [json.loads(l) for l in open(tmp_path / 'out' / 'attention.jsonl')]
+  assert [(x['tool'], x['tokens'], x['masked']) for x in attention] == [
+      ('bench_attention', 16, False), ('bench_attention', 16, True)]
 
 
 def test_throughput_keeps_four_significant_figures():

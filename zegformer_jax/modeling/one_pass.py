@@ -106,7 +106,7 @@ class MaskQueryCLIP(nn.Module):
     with_cls: also return the [CLS] token's embedding (plain CLIP's image embedding at this
       input size: no query reaches it), for MAFT's self-distillation (training/mask_aware.py).
     attention_by_head: attention.softmax_attention's `by_head` (None: one head at a time on
-      CPU, where it is 2-3x faster at a thousand tokens).
+      CPU, where it is 1.4-1.7x faster at a thousand tokens).
   """
   config: Any
   projection_dim: int
