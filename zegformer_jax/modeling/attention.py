@@ -6,8 +6,8 @@ ViT-B/16 has 900 patches, [CLS] and 100 mask queries. All twelve heads' logits a
 by the PV product. On a CPU that traffic, not the arithmetic, sets the time: XLA:CPU ran
 those products at 20-36 GFLOP/s against 140 for the dense layers of the same pass. A head
 at a time keeps one 4 MB logit matrix in the cache: 1.4-1.7x faster per layer on a 2-core
-AVX2 machine, and the one-pass inference 1.2x faster (BENCHMARKS.md). On an accelerator the loop would only serialise work that
-runs in parallel, so the heads go together there.
+AVX2 machine, and the one-pass inference 1.2x faster (BENCHMARKS.md). On an accelerator the
+loop would only serialise work that runs in parallel, so the heads go together there.
 """
 from typing import Optional
 

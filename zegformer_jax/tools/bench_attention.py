@@ -60,7 +60,8 @@ def measure(tokens: int, heads: int, head_dim: int, calls: int, masked: bool,
   record = {'tokens': tokens, 'heads': heads, 'head_dim': head_dim, 'masked': masked,
             'dtype': dtype, 'max_abs_diff': float(np.abs(outs['batched'] - outs['by_head']).max())}
   for name in fns:
-    record.update({f'{name}_flops': flops[name], **benchmarking.time_stats(times[name], f'{name}_ms')})
+    record[f'{name}_flops'] = flops[name]
+    record.update(benchmarking.time_stats(times[name], f'{name}_ms'))
     if flops[name]:
       record[f'{name}_gflops_per_s'] = round(flops[name] / statistics.median(times[name]) / 1e9, 1)
   ratios = [a / b for a, b in zip(times['batched'], times['by_head'])]
